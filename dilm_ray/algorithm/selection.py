@@ -1,0 +1,83 @@
+"""Picking representative points from embeddings: K-means, K-centers, herding, random."""
+
+from __future__ import annotations
+
+import torch
+
+
+def kmeans(x: torch.Tensor, k: int, seed: int, iters: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's K-means with k-means++ seeding. Returns (centers [k, d], assignment [n])."""
+    n = x.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"kmeans needs 1 <= k <= n, got k={k}, n={n}")
+    rng = torch.Generator().manual_seed(seed)
+    x = x.float()
+    centers = x[torch.randint(n, (1,), generator=rng)]
+    for _ in range(1, k):
+        d2 = torch.cdist(x, centers).min(1).values.pow(2)
+        total = d2.sum()
+        probs = d2 / total if total > 0 else torch.full_like(d2, 1.0 / n)
+        centers = torch.cat([centers, x[torch.multinomial(probs, 1, generator=rng)]])
+    assign = torch.cdist(x, centers).argmin(1)
+    for _ in range(iters):
+        new = torch.stack([x[assign == j].mean(0) if (assign == j).any() else centers[j] for j in range(k)])
+        new_assign = torch.cdist(x, new).argmin(1)
+        centers = new
+        if torch.equal(new_assign, assign):
+            break
+        assign = new_assign
+    return centers, assign
+
+
+def nearest_to_centers(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """For each center, the index of the closest point, distinct across centers."""
+    d = torch.cdist(centers.float(), x.float())
+    chosen: list[int] = []
+    for row in d:
+        order = row.argsort()
+        chosen.append(next(int(i) for i in order if int(i) not in chosen))
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+def k_centers(x: torch.Tensor, k: int, start: int | None = None) -> torch.Tensor:
+    """Greedy farthest-first traversal: k indices covering the set with the smallest radius.
+
+    Starts from ``start`` or, by default, the point nearest the mean.
+    """
+    n = x.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k_centers needs 1 <= k <= n, got k={k}, n={n}")
+    x = x.float()
+    first = int(torch.cdist(x.mean(0, keepdim=True), x).argmin()) if start is None else start
+    chosen = [first]
+    dist = torch.cdist(x, x[first : first + 1]).squeeze(1)
+    for _ in range(1, k):
+        nxt = int(dist.argmax())
+        chosen.append(nxt)
+        dist = torch.minimum(dist, torch.cdist(x, x[nxt : nxt + 1]).squeeze(1))
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+def herding(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy herding (Welling 2009): each pick keeps the running mean closest to the data mean."""
+    n = x.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"herding needs 1 <= k <= n, got k={k}, n={n}")
+    x = x.float()
+    mu = x.mean(0)
+    total = torch.zeros_like(mu)
+    available = torch.ones(n, dtype=torch.bool)
+    chosen: list[int] = []
+    for t in range(1, k + 1):
+        gap = ((total + x) / t - mu).norm(dim=1).masked_fill(~available, float("inf"))
+        pick = int(gap.argmin())
+        chosen.append(pick)
+        available[pick] = False
+        total += x[pick]
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+def random_subset(n: int, k: int, seed: int) -> torch.Tensor:
+    if not 1 <= k <= n:
+        raise ValueError(f"random_subset needs 1 <= k <= n, got k={k}, n={n}")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]

@@ -1,0 +1,288 @@
+"""Typed, validated configuration: YAML defaults plus dotted command-line overrides.
+
+Every section is a frozen pydantic model with ``extra="forbid"``, so unknown keys, wrong
+types and out-of-range values are refused with one line naming the key path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dilm_ray.errors import UserError
+
+PositiveInt = Field(ge=1)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DataConfig(_Section):
+    task: str = Field("sst2", description="built-in task (sst2, mnli, qqp) or any name for a custom dataset")
+    path: str | None = Field(None, description="local folder of parquet/csv/jsonl split files; None loads nyu-mll/glue from the hub")
+    text_columns: list[str] | None = Field(None, min_length=1, max_length=2, description="custom tasks: 1 or 2 text columns")
+    label_column: str = "label"
+    label_names: list[str] | None = Field(None, min_length=2, description="custom tasks: names of the labels, index = label id")
+    train_split: str = "train"
+    validation_split: str | None = Field(None, description="defaults to the task's (validation_matched for MNLI)")
+    max_train_samples: int | None = Field(None, ge=1)
+    max_validation_samples: int | None = Field(None, ge=1)
+    balanced: bool = Field(False, description="subsample the same number of rows per label")
+    seed: int = 0
+
+
+class GeneratorConfig(_Section):
+    model: str = "gpt2"
+    max_length: int = Field(64, ge=4, le=4096, description="tokens per sample, label BOS and EOS included")
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_k: int = Field(50, ge=1, description="pre-filter before top-p; keeps sampling fast")
+    temperature: float = Field(1.0, gt=0.0)
+    train_top_layers: int | None = Field(None, ge=1, description="train only the top N transformer layers (CPU budgets)")
+    generate_batch_size: int = Field(64, ge=1)
+
+
+class LearnerConfig(_Section):
+    model: str = "bert-base-uncased"
+    max_length: int = Field(128, ge=8, le=4096)
+    pooling: Literal["auto", "cls", "mean", "last"] = "auto"
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    embed_batch_size: int = Field(64, ge=1)
+
+
+class PretrainConfig(_Section):
+    steps: int = Field(20000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-5, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_ratio: float = Field(0.05, ge=0.0, le=1.0)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    grad_clip: float = Field(1.0, gt=0.0)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(1000, ge=1)
+
+
+class DistillConfig(_Section):
+    steps: int = Field(20000, ge=1, description="generator updates in stage 2 (outer loops x inner_loop)")
+    inner_loop: int = Field(10, ge=1, description="matching steps per learner re-initialisation")
+    learner_steps: int = Field(20, ge=0, description="learner updates on real data between matching steps")
+    learner_batch_size: int = Field(64, ge=1)
+    learner_lr: float = Field(1e-4, gt=0.0)
+    lr: float = Field(3e-7, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    n_repset: int = Field(10, ge=1, description="representative teacher sets")
+    repset_dpc: int = Field(200, ge=1, description="real samples per class in each teacher set (K-means clusters)")
+    repset_pool: int | None = Field(None, ge=1, description="cap on train rows per class embedded for K-means")
+    gm_real_dpc: int = Field(100, ge=1, description="real samples per class per matching batch")
+    gm_real_accum: int = Field(2, ge=1, description="real batches averaged into one real gradient")
+    gm_syn_dpc: int = Field(64, ge=1, description="synthetic samples per class per step = K-means clusters of the pool")
+    generate_interval: int = Field(20, ge=1, description="outer loops between synthetic pool regenerations")
+    temperature: float = Field(1.0, gt=0.0, description="T in softmax(-gen_loss / T)")
+    lm_lambda: float = Field(0.0, ge=0.0, le=1.0, description="weight of the LM loss mixed into the matching loss")
+    lm_batch_size: int = Field(64, ge=1)
+    grad: Literal["head", "full"] = Field("head", description="learner gradient matched: classifier head or all parameters")
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
+
+    @model_validator(mode="after")
+    def _steps_multiple_of_inner_loop(self) -> DistillConfig:
+        if self.steps % self.inner_loop:
+            raise ValueError(f"distill.steps={self.steps} must be a multiple of distill.inner_loop={self.inner_loop}")
+        return self
+
+
+class SynthesizeConfig(_Section):
+    dpc: list[int] = Field([5, 10, 20], min_length=1, description="data per class of each distilled set")
+    over_sample_ratio: int = Field(10, ge=1, description="generate dpc x ratio per class, keep dpc by K-centers")
+    n_datasets: int = Field(20, ge=1)
+    select: Literal["k_centers", "random"] = "k_centers"
+    max_attempts: int = Field(10, ge=1, description="rounds of regeneration for malformed samples")
+
+    @model_validator(mode="after")
+    def _positive_dpc(self) -> SynthesizeConfig:
+        if any(d < 1 for d in self.dpc):
+            raise ValueError(f"synthesize.dpc={self.dpc}: every value must be >= 1")
+        return self
+
+
+class EvaluateConfig(_Section):
+    lr: float = Field(1e-4, gt=0.0)
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(64, ge=1, description="the batch is min(batch_size, |D|)")
+    warmup_ratio: float = Field(0.5, ge=0.0, le=1.0)
+    scheduler: Literal["linear", "cosine", "constant"] = "cosine"
+    weight_decay: float = Field(0.01, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    n_evals_per_dataset: int = Field(5, ge=1, description="learner seeds per distilled set")
+    eval_batch_size: int = Field(128, ge=1)
+    baselines: list[Literal["random", "k_centers", "herding", "lm_only"]] = ["random", "k_centers", "herding", "lm_only"]
+
+
+class SearchSpec(_Section):
+    """One Tune dimension: ``grid`` tries every value, ``choice`` samples one per trial."""
+
+    type: Literal["grid", "choice", "loguniform", "uniform"] = "grid"
+    values: list[Any] | None = None
+    low: float | None = None
+    high: float | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> SearchSpec:
+        if self.type in ("grid", "choice") and not self.values:
+            raise ValueError(f"a {self.type} search needs a non-empty 'values' list")
+        if self.type in ("loguniform", "uniform") and (self.low is None or self.high is None or self.low >= self.high):
+            raise ValueError(f"a {self.type} search needs low < high")
+        return self
+
+
+class TuneConfig(_Section):
+    space: dict[str, SearchSpec] = {}
+    num_samples: int = Field(1, ge=1)
+    metric: str = "accuracy"
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(1, ge=1)
+    max_concurrent_trials: int = Field(1, ge=1)
+    cpus_per_trial: float = Field(0.1, gt=0.0)
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="None starts an embedded local Ray; else a cluster address")
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_eval_task: float = Field(0.0, ge=0.0)
+    cpus_per_eval_task: float = Field(1.0, gt=0.0)
+    max_failures: int = Field(0, ge=0)
+    storage_path: str | None = None
+
+
+class TrackingConfig(_Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; None uses MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    experiment: str | None = Field(None, description="defaults to dilm-<task>")
+    enabled: bool = True
+
+
+class Config(_Section):
+    name: str = Field("dilm", pattern=r"^[A-Za-z0-9._-]{1,64}$", description="short stable run name")
+    seed: int = 42
+    output_dir: str = "runs"
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; None keeps torch's default")
+    data: DataConfig = DataConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    learner: LearnerConfig = LearnerConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    distill: DistillConfig = DistillConfig()
+    synthesize: SynthesizeConfig = SynthesizeConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tune: TuneConfig = TuneConfig()
+    ray: RayConfig = RayConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}``; used for MLflow params and Tune spaces."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key != "space":
+            flat.update(flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"distill.lr=3e-7" -> ("distill.lr", 3e-07)``; values are read as YAML scalars or lists."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise UserError(f"override '{text}': expected KEY=VALUE, e.g. distill.lr=3e-7")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    # YAML 1.1 reads 3e-7 as a string; accept it as the float the user meant.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") else value
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def apply_override(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``tree[a][b] = value`` for key ``a.b``; unknown intermediate keys are refused."""
+    parts = key.split(".")
+    node = tree
+    fields: dict[str, Any] = Config.model_fields
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if fields is not None and part not in fields:
+            where = ".".join(parts[:depth]) or "the config"
+            raise UserError(f"unknown config key '{key}': {where} has no '{part}' (allowed: {', '.join(sorted(fields))})")
+        if last:
+            node[part] = value
+            return
+        annotation = fields[part].annotation if fields is not None else None
+        sub = annotation.model_fields if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node, fields = child, sub
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    path = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key '{path}' in {source}"
+    if isinstance(first.get("input"), dict):  # a section-level check: its message names the keys
+        return f"config: {msg} ({source})"
+    if path:
+        return f"config key '{path}' = {first.get('input')!r}: {msg} ({source})"
+    return f"config: {msg} ({source})"
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load YAML defaults from ``path`` (or the built-in defaults), apply ``key=value`` overrides."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise UserError(f"config file {path}{where} is not valid YAML") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise UserError(f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}")
+        tree = loaded or {}
+    for text in overrides:
+        key, value = parse_override(text)
+        apply_override(tree, key, value)
+    if overrides:
+        source += " + overrides"
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise UserError(_format_error(err, source)) from None

@@ -1,0 +1,136 @@
+"""Load task splits through ``datasets``: from the hub (nyu-mll/glue) or a local folder/file.
+
+Every problem a user can cause (missing file or column, empty split or text, a label outside
+the label set) becomes one ``UserError`` naming the file and row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dilm_ray.config import DataConfig
+from dilm_ray.data.dataset import TextSet
+from dilm_ray.data.tasks import TaskSpec
+from dilm_ray.errors import UserError
+
+FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
+
+
+def find_split_file(folder: Path, split: str) -> Path:
+    """``folder/split.parquet`` (or .csv/.jsonl/.json), also in the hub's ``data/split-*.parquet`` layout."""
+    candidates = [folder / f"{split}{ext}" for ext in FORMATS]
+    candidates += sorted(folder.glob(f"data/{split}-*.parquet")) + sorted(folder.glob(f"{split}-*.parquet"))
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise UserError(f"no '{split}' split in {folder}: expected {split}.parquet, {split}.csv or {split}.jsonl")
+
+
+def _load_table(path: Path):
+    import datasets
+
+    datasets.disable_progress_bars()
+
+    fmt = FORMATS.get(path.suffix)
+    if fmt is None:
+        raise UserError(f"{path}: unsupported file type '{path.suffix}' (use parquet, csv or jsonl)")
+    if fmt == "parquet" and _parquet_rows(path) == 0:  # datasets cannot read an empty parquet file
+        raise UserError(f"{path}: the split is empty")
+    try:
+        return datasets.load_dataset(fmt, data_files=str(path), split="train")
+    except Exception as exc:  # datasets raises many types for unreadable files
+        raise UserError(f"{path}: cannot be read as {fmt}: {str(exc).splitlines()[0]}") from None
+
+
+def _parquet_rows(path: Path) -> int | None:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:
+        return None  # unreadable: let datasets report it
+
+
+def _load_hub(task: TaskSpec, split: str):
+    import datasets
+
+    if task.hub_path is None:
+        raise UserError(f"data.path is required for the custom task '{task.name}'")
+    try:
+        return datasets.load_dataset(task.hub_path, task.hub_name, split=split)
+    except Exception as exc:
+        raise UserError(
+            f"cannot load {task.hub_path}/{task.hub_name} split '{split}' from the hub "
+            f"({str(exc).splitlines()[0]}); set data.path to a local folder"
+        ) from None
+
+
+def to_textset(table, task: TaskSpec, source: str) -> TextSet:
+    """Check columns, text and labels of a ``datasets.Dataset`` and convert it."""
+    missing = [c for c in (*task.text_columns, task.label_column) if c not in table.column_names]
+    if missing:
+        raise UserError(f"{source}: missing column '{missing[0]}' (columns: {', '.join(table.column_names)})")
+    if len(table) == 0:
+        raise UserError(f"{source}: the split is empty")
+    columns = [table[c] for c in task.text_columns]
+    texts = []
+    for row, values in enumerate(zip(*columns)):
+        for col, value in zip(task.text_columns, values):
+            if value is None or not str(value).strip():
+                raise UserError(f"{source} row {row}: empty text in column '{col}'")
+        texts.append(tuple(str(v) for v in values))
+    labels = _labels(list(table[task.label_column]), task, source)
+    return TextSet(task.text_columns, tuple(texts), labels)
+
+
+def _labels(raw: list, task: TaskSpec, source: str) -> np.ndarray:
+    names = {n: i for i, n in enumerate(task.label_names)}
+    out = np.empty(len(raw), dtype=np.int64)
+    for row, value in enumerate(raw):
+        if isinstance(value, str) and value in names:
+            out[row] = names[value]
+            continue
+        try:
+            label = int(value)
+        except (TypeError, ValueError):
+            label = -1
+        if isinstance(value, float) and not float(value).is_integer():
+            label = -1
+        if not 0 <= label < task.num_labels:
+            allowed = ", ".join(f"{i}/{n}" for i, n in enumerate(task.label_names))
+            raise UserError(f"{source} row {row}: label {value!r} is outside the label set ({allowed})")
+        out[row] = label
+    return out
+
+
+def load_split(cfg: DataConfig, task: TaskSpec, split: str) -> TextSet:
+    """One split of the task, from ``cfg.path`` (folder or single file) or the hub."""
+    if cfg.path is None:
+        return to_textset(_load_hub(task, split), task, f"{task.hub_path}/{task.hub_name}:{split}")
+    root = Path(cfg.path).expanduser()
+    if not root.exists():
+        raise UserError(f"data.path {root} does not exist")
+    path = root if root.is_file() else find_split_file(root, split)
+    return to_textset(_load_table(path), task, str(path))
+
+
+def load_file(path: Path, task: TaskSpec) -> TextSet:
+    """A user-supplied dataset file (e.g. someone else's distilled text) in the task's layout."""
+    if not path.is_file():
+        raise UserError(f"dataset file not found: {path}")
+    return to_textset(_load_table(path), task, str(path))
+
+
+def subsample(data: TextSet, n: int | None, seed: int, balanced: bool, num_labels: int) -> TextSet:
+    """Deterministic subset of ``n`` rows: the same (data, n, seed) always gives the same rows."""
+    if n is None or n >= len(data):
+        return data
+    rng = np.random.default_rng(seed)
+    if not balanced:
+        return data.select(np.sort(rng.choice(len(data), size=n, replace=False)))
+    per_label = [data.indices_of(y) for y in range(num_labels)]
+    quota = n // num_labels
+    chosen = [rng.choice(idx, size=min(quota, len(idx)), replace=False) for idx in per_label]
+    return data.select(np.sort(np.concatenate(chosen)))

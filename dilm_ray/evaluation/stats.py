@@ -1,0 +1,18 @@
+"""Aggregating evaluation runs: mean, std and Welch's t-test against baselines."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    arr = np.asarray(values, dtype=float)
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, "runs": len(arr)}
+
+
+def welch_p(a: list[float], b: list[float]) -> float:
+    """Two-sided Welch's t-test p-value; NaN when either side has fewer than 2 runs or no variance."""
+    if len(a) < 2 or len(b) < 2 or (np.var(a) == 0 and np.var(b) == 0):
+        return float("nan")
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)

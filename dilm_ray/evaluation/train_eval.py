@@ -1,0 +1,60 @@
+"""Train a fresh learner on a (distilled) set and score it on the validation split."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dilm_ray.config import EvaluateConfig
+from dilm_ray.data.dataset import TextSet
+from dilm_ray.models.learner import Learner
+from dilm_ray.train.optim import adamw, schedule
+
+
+def train_learner(learner: Learner, train: TextSet, cfg: EvaluateConfig, seed: int) -> None:
+    """Paper protocol: AdamW, warmup then cosine, ``cfg.steps`` steps of min(batch_size, |D|)."""
+    learner.reset(seed)
+    torch.manual_seed(seed)  # dropout masks
+    rng = np.random.default_rng(seed)
+    model = learner.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = adamw(params, cfg.lr, cfg.weight_decay)
+    scheduler = schedule(optimizer, cfg.scheduler, cfg.steps, cfg.warmup_ratio)
+    size = min(cfg.batch_size, len(train))
+    order = np.empty(0, dtype=np.int64)
+    model.train()
+    for _ in range(cfg.steps):
+        if len(order) < size:
+            order = np.concatenate([order, rng.permutation(len(train))])
+        idx, order = order[:size], order[size:]
+        batch = train.select(idx)
+        logits = model(**learner.batch(batch))
+        loss = F.cross_entropy(logits, torch.as_tensor(batch.labels, device=logits.device))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def predict(learner: Learner, data: TextSet, batch_size: int) -> np.ndarray:
+    model = learner.model
+    model.eval()
+    preds = []
+    for start in range(0, len(data), batch_size):
+        part = data.select(range(start, min(start + batch_size, len(data))))
+        preds.append(model(**learner.batch(part)).argmax(-1).cpu().numpy())
+    return np.concatenate(preds)
+
+
+def scores(preds: np.ndarray, labels: np.ndarray, metric: str) -> dict[str, float]:
+    """accuracy; for ``accuracy_f1`` (QQP) also F1 of label 1 and their mean as the score."""
+    accuracy = float((preds == labels).mean())
+    out = {"accuracy": accuracy, "score": accuracy}
+    if metric == "accuracy_f1":
+        tp = float(((preds == 1) & (labels == 1)).sum())
+        f1 = 2 * tp / max(1.0, float((preds == 1).sum() + (labels == 1).sum()))
+        out.update(f1=f1, score=(accuracy + f1) / 2)
+    return out

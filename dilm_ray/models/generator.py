@@ -1,0 +1,246 @@
+"""The generator: a causal LM with one BOS token per label and a separator for pair tasks."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dilm_ray.config import GeneratorConfig
+from dilm_ray.data.dataset import TextSet
+from dilm_ray.data.tasks import TaskSpec
+from dilm_ray.models.registry import load_with_hint
+
+SEP_TOKEN = "<sep>"
+
+
+def bos_token(label: int) -> str:
+    return f"<bos_{label}>"
+
+
+@dataclass
+class Generator:
+    model: nn.Module
+    tokenizer: object
+    task: TaskSpec
+    max_length: int
+    bos_ids: list[int]
+    sep_id: int
+    eos_id: int
+    pad_id: int
+
+    # ---- encoding -------------------------------------------------------------------
+    def encode(self, texts: tuple[str, ...], label: int) -> list[int]:
+        """``<bos_label> text1 [<sep> text2] <eos>``, truncated to ``max_length``."""
+        ids = [self.bos_ids[label]]
+        for i, text in enumerate(texts):
+            if i:
+                ids.append(self.sep_id)
+            ids += self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids[: self.max_length - 1] + [self.eos_id]
+
+    def batch(self, data: TextSet) -> dict[str, torch.Tensor]:
+        """Right-padded ``input_ids`` / ``attention_mask`` for a set of labelled samples."""
+        rows = [self.encode(t, int(y)) for t, y in zip(data.texts, data.labels)]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def lm_losses(self, data: TextSet) -> torch.Tensor:
+        """Per-sample mean token NLL (padding masked), differentiable w.r.t. the generator."""
+        batch = {k: v.to(self.device) for k, v in self.batch(data).items()}
+        logits = self.model(**batch).logits
+        return sequence_nll(logits, batch["input_ids"], batch["attention_mask"])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ---- sampling ---------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, label: int, n: int, cfg: GeneratorConfig, rng: torch.Generator) -> list[list[int]]:
+        """``n`` token sequences after ``<bos_label>`` (without it), cut at EOS."""
+        out: list[list[int]] = []
+        was_training = self.model.training
+        self.model.eval()
+        for start in range(0, n, cfg.generate_batch_size):
+            size = min(cfg.generate_batch_size, n - start)
+            prompt = torch.full((size, 1), self.bos_ids[label], dtype=torch.long, device=self.device)
+            out += sample_tokens(self.model, prompt, self.max_length - 1, cfg.top_k, cfg.top_p, cfg.temperature, self.eos_id, rng)
+        self.model.train(was_training)
+        return out
+
+    def parse(self, ids: list[int]) -> tuple[str, ...] | None:
+        """Split generated ids into the task's columns; ``None`` for malformed samples."""
+        parts: list[list[int]] = [[]]
+        for t in ids:
+            if t == self.sep_id:
+                parts.append([])
+            else:
+                parts[-1].append(t)
+        if len(parts) != len(self.task.text_columns):
+            return None
+        texts = tuple(self.tokenizer.decode(p, skip_special_tokens=True).strip() for p in parts)
+        return texts if all(texts) else None
+
+    def generate(self, label: int, n: int, cfg: GeneratorConfig, rng: torch.Generator, max_attempts: int = 10) -> tuple[TextSet, int]:
+        """``n`` well-formed samples of ``label``; malformed ones are regenerated. Returns (set, dropped)."""
+        texts: list[tuple[str, ...]] = []
+        dropped = 0
+        for _ in range(max_attempts):
+            need = n - len(texts)
+            if need <= 0:
+                break
+            for ids in self.sample(label, need, cfg, rng):
+                parsed = self.parse(ids)
+                if parsed is None:
+                    dropped += 1
+                else:
+                    texts.append(parsed)
+        if len(texts) < n:
+            raise RuntimeError(f"generator produced only {len(texts)}/{n} well-formed samples for label {label} after {max_attempts} rounds")
+        return TextSet(self.task.text_columns, tuple(texts[:n]), np.full(n, label)), dropped
+
+    def generate_all(self, per_label: int, cfg: GeneratorConfig, rng: torch.Generator, max_attempts: int = 10) -> tuple[TextSet, int]:
+        parts, dropped = [], 0
+        for label in range(self.task.num_labels):
+            part, d = self.generate(label, per_label, cfg, rng, max_attempts)
+            parts.append(part)
+            dropped += d
+        return TextSet.concat(parts), dropped
+
+    def save(self, directory) -> None:
+        self.model.save_pretrained(str(directory), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(directory))
+
+
+def sequence_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL per sequence over non-padding targets: shape [batch]."""
+    targets = input_ids[:, 1:]
+    mask = attention_mask[:, 1:].to(logits.dtype)
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
+    return (nll * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def top_k_top_p_probs(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nucleus sampling restricted to the top-k tokens: (probabilities [B,k], token ids [B,k]).
+
+    Sorting only k candidates instead of the whole vocabulary is what makes this fast on CPU.
+    """
+    values, indices = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+    probs = values.softmax(-1)
+    before = probs.cumsum(-1) - probs  # mass of strictly more likely tokens
+    probs = probs.masked_fill(before >= top_p, 0.0)  # the most likely token always survives
+    return probs / probs.sum(-1, keepdim=True), indices
+
+
+def sample_tokens(
+    model: nn.Module,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    top_k: int,
+    top_p: float,
+    temperature: float,
+    eos_id: int,
+    rng: torch.Generator,
+) -> list[list[int]]:
+    """Sample continuations with the KV cache; sequences stop at EOS (excluded from the output)."""
+    # transformers 5.x names the cache ``cache``; 4.x ``past_key_values``
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    past, logits = getattr(out, cache_kw), out.logits[:, -1]
+    finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    steps: list[torch.Tensor] = []
+    for _ in range(max_new_tokens):
+        probs, ids = top_k_top_p_probs(logits.float() / temperature, top_k, top_p)
+        choice = torch.multinomial(probs.cpu(), 1, generator=rng).to(ids.device)
+        token = ids.gather(-1, choice).squeeze(-1).masked_fill(finished, eos_id)
+        steps.append(token)
+        finished |= token == eos_id
+        if bool(finished.all()):
+            break
+        out = model(input_ids=token[:, None], use_cache=True, **{cache_kw: past})
+        past, logits = getattr(out, cache_kw), out.logits[:, -1]
+    seqs = torch.stack(steps, 1).tolist() if steps else [[] for _ in range(prompt.shape[0])]
+    return [s[: s.index(eos_id)] if eos_id in s else s for s in seqs]
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer block list: the longest ModuleList in the model."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError("cannot find the transformer layers of the generator")
+    return max(lists, key=len)
+
+
+def set_trainable(gen: Generator, top_layers: int | None, label_tokens: bool) -> list[nn.Parameter]:
+    """Freeze all but the top ``top_layers`` blocks and the final norm; optionally train the label-token rows.
+
+    The label BOS rows of the (possibly tied) embedding are trained through a gradient mask,
+    so the rest of the vocabulary stays as pre-trained.
+    """
+    model = gen.model
+    if top_layers is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return [p for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = _decoder_layers(model)
+    trainable = list(layers[-top_layers:].parameters())
+    last_norm = [m for m in model.modules() if "norm" in type(m).__name__.lower() or isinstance(m, nn.LayerNorm)]
+    if last_norm:
+        trainable += list(last_norm[-1].parameters())
+    for p in trainable:
+        p.requires_grad_(True)
+    if label_tokens:
+        emb = model.get_input_embeddings().weight
+        rows = torch.zeros(emb.shape[0], 1, dtype=emb.dtype, device=emb.device)
+        rows[gen.bos_ids] = 1.0
+        emb.requires_grad_(True)
+        emb.register_hook(lambda g: g * rows)
+        emb._dilm_no_decay = True  # weight decay would shrink the frozen rows
+        trainable.append(emb)
+    return trainable
+
+
+def build_generator(cfg: GeneratorConfig, task: TaskSpec, model_name: str | None = None) -> Generator:
+    """Load the LM, add ``<bos_i>`` per label and ``<sep>`` (initialised from the BOS embedding)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = model_name or cfg.model
+    tokenizer = load_with_hint("generator.model", name, lambda p: AutoTokenizer.from_pretrained(p))
+    model = load_with_hint("generator.model", name, lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32))
+    new_tokens = [bos_token(i) for i in range(task.num_labels)] + [SEP_TOKEN]
+    missing = [t for t in new_tokens if t not in tokenizer.get_vocab()]
+    if missing:
+        init_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
+        tokenizer.add_tokens(missing, special_tokens=True)
+        old = model.get_input_embeddings().weight.shape[0]
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None}.values():
+                emb.weight[old:] = emb.weight[init_id]
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"generator '{name}' has no EOS token")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    vocab = tokenizer.get_vocab()
+    return Generator(
+        model=model,
+        tokenizer=tokenizer,
+        task=task,
+        max_length=cfg.max_length,
+        bos_ids=[vocab[bos_token(i)] for i in range(task.num_labels)],
+        sep_id=vocab[SEP_TOKEN],
+        eos_id=eos,
+        pad_id=pad,
+    )

@@ -1,0 +1,145 @@
+"""The stages as commands: each reads the config, does one stage, writes into ``<output_dir>/<name>``.
+
+Layout of a run folder:
+    generator-lm/            stage 1 checkpoint (LM-only generator)
+    generator-dilm/          stage 2 checkpoint (DiLM generator)
+    distilled/<method>/dpc<D>/set<i>/train.{parquet,jsonl}
+    results/                 evaluation tables (csv, markdown) and plots
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dilm_ray.config import Config
+from dilm_ray.data import TaskSpec, TextSet, load_split, resolve_task, subsample
+from dilm_ray.errors import UserError
+from dilm_ray.models.generator import build_generator
+from dilm_ray.models.learner import build_learner
+from dilm_ray.synthesis import CORESETS, coreset, synthesize
+from dilm_ray.tracking.loggers import ConsoleLogger, MLflowLogger, MultiLogger
+from dilm_ray.tracking.mlflow_store import log_artifacts
+
+LM_DIR, DILM_DIR = "generator-lm", "generator-dilm"
+
+
+@dataclass(frozen=True)
+class TaskData:
+    task: TaskSpec
+    train: TextSet
+    validation: TextSet
+
+
+def setup_torch(cfg: Config) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+
+
+def load_data(cfg: Config, need_validation: bool = True) -> TaskData:
+    task = resolve_task(cfg.data)
+    d = cfg.data
+    train = subsample(load_split(d, task, d.train_split), d.max_train_samples, d.seed, d.balanced, task.num_labels)
+    if need_validation:
+        val = load_split(d, task, task.validation_split)
+        val = subsample(val, d.max_validation_samples, d.seed, False, task.num_labels)
+    else:
+        val = TextSet(task.text_columns, (), np.zeros(0))
+    return TaskData(task, train, val)
+
+
+def _logger(prefix: str, run_id: str | None) -> MultiLogger:
+    return MultiLogger(ConsoleLogger(prefix), MLflowLogger(prefix, run_id))
+
+
+def pretrain_stage(cfg: Config, data: TaskData, run_id: str | None = None) -> Path:
+    from dilm_ray.train.pretrain import pretrain
+
+    gen = build_generator(cfg.generator, data.task)
+    pretrain(gen, data.train, cfg.pretrain, cfg.generator, cfg.seed, logger=_logger("pretrain", run_id))
+    out = cfg.run_dir / LM_DIR
+    gen.save(out)
+    return out
+
+
+def generator_source(cfg: Config, stage_dir: str) -> str:
+    path = cfg.run_dir / stage_dir
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} does not hold a generator checkpoint: run the earlier stage first")
+    return str(path)
+
+
+def distill_stage(cfg: Config, data: TaskData, run_id: str | None = None) -> Path:
+    from dilm_ray.train.distill import distill
+
+    gen = build_generator(cfg.generator, data.task, generator_source(cfg, LM_DIR))
+    learner = build_learner(cfg.learner, data.task.num_labels, cfg.seed)
+    distill(gen, learner, data.train, cfg.distill, cfg.generator, cfg.seed, logger=_logger("distill", run_id))
+    out = cfg.run_dir / DILM_DIR
+    gen.save(out)
+    return out
+
+
+def set_dir(cfg: Config, method: str, dpc: int, index: int) -> Path:
+    return cfg.run_dir / "distilled" / method / f"dpc{dpc}" / f"set{index}"
+
+
+def synthesize_stage(cfg: Config, data: TaskData, method: str = "dilm", run_id: str | None = None) -> dict[int, list[Path]]:
+    """Distilled sets from the DiLM generator (``method="dilm"``) or the LM-only one (``"lm_only"``)."""
+    gen = build_generator(cfg.generator, data.task, generator_source(cfg, DILM_DIR if method == "dilm" else LM_DIR))
+    learner = build_learner(cfg.learner, data.task.num_labels, cfg.seed)
+    written: dict[int, list[Path]] = {}
+    for dpc in cfg.synthesize.dpc:
+        sets, dropped = synthesize(gen, learner, cfg.synthesize, cfg.generator, dpc, cfg.seed)
+        written[dpc] = [s.save(set_dir(cfg, method, dpc, i))[0] for i, s in enumerate(sets)]
+        print(f"{method} dpc={dpc}: {len(sets)} sets, {dropped} malformed samples dropped and regenerated")
+    log_artifacts(run_id, [cfg.run_dir / "distilled" / method], f"distilled/{method}")
+    return written
+
+
+def coreset_stage(cfg: Config, data: TaskData, methods: tuple[str, ...] = CORESETS, embeddings: torch.Tensor | None = None) -> dict[str, dict[int, list[Path]]]:
+    """Random sets differ per index; K-centers varies its start point; herding is deterministic (one set)."""
+    if embeddings is None:
+        learner = build_learner(cfg.learner, data.task.num_labels, cfg.seed)
+        embeddings = learner.embed(data.train, progress=True)
+    written: dict[str, dict[int, list[Path]]] = {}
+    for method in methods:
+        n_sets = 1 if method == "herding" else cfg.synthesize.n_datasets
+        written[method] = {
+            dpc: [coreset(data.train, embeddings, dpc, method, seed=i).save(set_dir(cfg, method, dpc, i))[0] for i in range(n_sets)]
+            for dpc in cfg.synthesize.dpc
+        }
+    return written
+
+
+def discover_sets(root: Path) -> dict[tuple[str, int], list[Path]]:
+    """``distilled/<method>/dpc<D>/set<i>/train.parquet`` files grouped by (method, dpc)."""
+    found: dict[tuple[str, int], list[Path]] = {}
+    for path in sorted(root.glob("*/dpc*/set*/train.parquet")):
+        method, dpc = path.parents[2].name, int(path.parents[1].name.removeprefix("dpc"))
+        found.setdefault((method, dpc), []).append(path)
+    return found
+
+
+class Timer:
+    """Wall time per stage, for the closing table."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Span:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - self.start
+
+        return _Span()

@@ -1,0 +1,57 @@
+"""MLflow runs: an embedded SQLite store by default, one experiment per task."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+from dilm_ray.config import Config, flatten
+
+
+def tracking_uri(cfg: Config) -> str:
+    """``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``."""
+    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def experiment_name(cfg: Config) -> str:
+    return cfg.tracking.experiment or f"dilm-{cfg.data.task}"
+
+
+def log_config(cfg: Config) -> None:
+    import mlflow
+
+    params = {k: str(v)[:500] for k, v in flatten(cfg.to_dict()).items()}
+    items = list(params.items())
+    for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        mlflow.log_params(dict(items[start : start + 100]))
+    mlflow.log_text(cfg.to_yaml(), "config.yaml")
+
+
+@contextlib.contextmanager
+def mlflow_run(cfg: Config, command: str, nested: bool = False, tags: dict[str, str] | None = None) -> Iterator[str | None]:
+    """Start a run named ``<name>-<command>`` with the resolved config; yields its id (None if disabled)."""
+    if not cfg.tracking.enabled:
+        yield None
+        return
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    mlflow.set_experiment(experiment_name(cfg))
+    with mlflow.start_run(run_name=f"{cfg.name}-{command}", nested=nested, tags={"command": command, **(tags or {})}) as run:
+        log_config(cfg)
+        yield run.info.run_id
+
+
+def log_artifacts(run_id: str | None, paths: list[Path], artifact_path: str | None = None) -> None:
+    if run_id is None:
+        return
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for p in paths:
+        if p.is_dir():
+            client.log_artifacts(run_id, str(p), artifact_path)
+        elif p.exists():
+            client.log_artifact(run_id, str(p), artifact_path)

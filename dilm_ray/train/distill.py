@@ -1,0 +1,189 @@
+"""Stage 2: train the generator so that its samples' learner gradients match real ones."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dilm_ray.algorithm.matching import match_loss, sample_weights, weighted_grad
+from dilm_ray.algorithm.selection import kmeans, nearest_to_centers
+from dilm_ray.config import DistillConfig, GeneratorConfig
+from dilm_ray.data.dataset import TextSet
+from dilm_ray.models.generator import Generator, set_trainable
+from dilm_ray.models.learner import Learner
+from dilm_ray.tracking.loggers import MetricLogger, NullLogger
+from dilm_ray.train.gradients import learner_grads
+from dilm_ray.train.optim import adamw, schedule
+from dilm_ray.train.runtime import Runtime
+from dilm_ray.train.state import TrainState
+
+
+def representative_teachers(embeddings: torch.Tensor, labels: np.ndarray, num_labels: int, n_sets: int, dpc: int, seed: int) -> list[np.ndarray]:
+    """Per label, the union of ``n_sets`` K-means representative sets (one point per cluster)."""
+    per_label = []
+    for label in range(num_labels):
+        idx = np.flatnonzero(labels == label)
+        k = min(dpc, len(idx))
+        picks = [idx[nearest_to_centers(embeddings[idx], kmeans(embeddings[idx], k, seed + r)[0]).numpy()] for r in range(n_sets)]
+        per_label.append(np.concatenate(picks))
+    return per_label
+
+
+def cluster_batches(assign: torch.Tensor, k: int, n_batches: int, seed: int) -> list[list[int]]:
+    """``n_batches`` batches with one index from each of the ``k`` clusters, without replacement
+    inside a cluster until it is exhausted (then it is reshuffled)."""
+    rng = np.random.default_rng(seed)
+    members = [np.flatnonzero(assign.numpy() == j) for j in range(k)]
+    members = [m for m in members if len(m)]
+    queues = [list(rng.permutation(m)) for m in members]
+    batches = []
+    for _ in range(n_batches):
+        batch = []
+        for j, queue in enumerate(queues):
+            if not queue:
+                queue.extend(rng.permutation(members[j]))
+            batch.append(int(queue.pop()))
+        batches.append(batch)
+    return batches
+
+
+class _Cycle:
+    """Endless batches of ``size`` from ``indices``, reshuffled each pass."""
+
+    def __init__(self, indices: np.ndarray, size: int, rng: np.random.Generator):
+        self.indices, self.size, self.rng, self.queue = indices, size, rng, np.empty(0, dtype=np.int64)
+
+    def next(self) -> np.ndarray:
+        while len(self.queue) < self.size:
+            self.queue = np.concatenate([self.queue, self.rng.permutation(self.indices)])
+        out, self.queue = self.queue[: self.size], self.queue[self.size :]
+        return out
+
+
+def distill(
+    gen: Generator,
+    learner: Learner,
+    train: TextSet,
+    cfg: DistillConfig,
+    gen_cfg: GeneratorConfig,
+    seed: int,
+    runtime: Runtime = Runtime(),
+    logger: MetricLogger = NullLogger(),
+    state: TrainState | None = None,
+    on_outer_loop: Callable[[TrainState, dict[str, float]], None] | None = None,
+    teacher_embeddings: torch.Tensor | None = None,
+) -> TrainState:
+    """Gradient matching (DiLM Alg. 1). Each worker has its own learner and synthetic pool
+    (seeds offset by rank); generator gradients are averaged across workers."""
+    num_labels = gen.task.num_labels
+    seed = seed + 1000 * runtime.rank
+    params = [p for p in set_trainable(gen, gen_cfg.train_top_layers, label_tokens=False) if p.requires_grad]
+    optimizer = adamw(params, cfg.lr, cfg.weight_decay)
+    scheduler = schedule(optimizer, "constant", cfg.steps, 0.0)
+    state = state or TrainState(step=0, rng=np.random.default_rng(seed).bit_generator.state)
+    state.restore_optim(optimizer, scheduler)
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state.rng
+    torch_rng = torch.Generator().manual_seed(seed + state.step)
+
+    emb = teacher_embeddings if teacher_embeddings is not None else learner.embed(train, progress=runtime.is_main)
+    teachers = representative_teachers(emb, train.labels, num_labels, cfg.n_repset, cfg.repset_dpc, seed)
+    real_batches = [_Cycle(t, cfg.gm_real_dpc, rng) for t in teachers]
+    learner_batches = _Cycle(np.arange(len(train)), cfg.learner_batch_size, rng)
+    lm_batches = _Cycle(np.arange(len(train)), cfg.lm_batch_size, rng)
+
+    outer_loops = cfg.steps // cfg.inner_loop
+    first = state.step // cfg.inner_loop
+    syn_batches: list[list[list[int]]] = []
+    pool: TextSet | None = None
+    bar = tqdm(range(first, outer_loops), desc="distill", disable=not runtime.is_main, initial=first, total=outer_loops)
+    history: list[dict[str, float]] = []
+    for ol in bar:
+        if pool is None or (ol - first) % cfg.generate_interval == 0:
+            pool, syn_batches, dropped = _synthetic_pool(gen, learner, cfg, gen_cfg, torch_rng, seed + ol)
+            history.append({"dropped_samples": float(dropped)})
+        learner.reset(seed + ol)
+        torch.manual_seed(seed + ol)  # dropout in the inner loop
+        learner_opt = torch.optim.AdamW(learner.model.parameters(), lr=cfg.learner_lr)
+        for inner in range(cfg.inner_loop):
+            real = [train.select(np.concatenate([real_batches[y].next() for _ in range(cfg.gm_real_accum)])) for y in range(num_labels)]
+            syn = TextSet.concat([pool.select(syn_batches[y].pop()) for y in range(num_labels)])
+            metrics = _matching_step(gen, learner, real, syn, cfg, train, lm_batches)
+            runtime.average_gradients(params)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            history.append(metrics)
+            if inner + 1 < cfg.inner_loop:
+                _train_learner(learner, learner_opt, train, learner_batches, cfg.learner_steps)
+        state.step = (ol + 1) * cfg.inner_loop
+        state.rng = rng.bit_generator.state
+        summary = _average(history)
+        summary["lr"] = scheduler.get_last_lr()[0]
+        summary = {k: runtime.mean(v) for k, v in summary.items()}
+        if state.step % cfg.log_every == 0 or ol + 1 == outer_loops:
+            logger.log(summary, state.step)
+            history = []
+        bar.set_postfix(grad_sim=f"{summary.get('grad_sim', float('nan')):.3f}")
+        if on_outer_loop is not None:
+            state.capture_optim(optimizer, scheduler)
+            on_outer_loop(state, summary)
+    return state
+
+
+def _synthetic_pool(gen, learner, cfg: DistillConfig, gen_cfg: GeneratorConfig, torch_rng, seed: int):
+    """Generate ``gm_syn_dpc x inner_loop x generate_interval`` samples per label and cluster each
+    label's pool into ``gm_syn_dpc`` K-means clusters; batches draw one sample per cluster."""
+    per_label = cfg.gm_syn_dpc * cfg.inner_loop * cfg.generate_interval
+    pool, dropped = gen.generate_all(per_label, gen_cfg, torch_rng)
+    emb = learner.embed(pool)
+    batches = []
+    for label in range(gen.task.num_labels):
+        idx = pool.indices_of(label)
+        _, assign = kmeans(emb[idx], min(cfg.gm_syn_dpc, len(idx)), seed + label)
+        batches.append([list(idx[b]) for b in cluster_batches(assign, cfg.gm_syn_dpc, cfg.inner_loop * cfg.generate_interval, seed + label)])
+    return pool, batches, dropped
+
+
+def _matching_step(gen: Generator, learner: Learner, real: list[TextSet], syn: TextSet, cfg: DistillConfig, train: TextSet, lm_batches: _Cycle) -> dict[str, float]:
+    """Backpropagate (1 - lm_lambda) * matching loss (+ lm_lambda * LM loss) into the generator."""
+    num_labels = len(real)
+    g_real = torch.stack([weighted_grad(learner_grads(learner, r, cfg.grad)) for r in real])
+    gen_losses = gen.lm_losses(syn)
+    g_syn = []
+    for label in range(num_labels):
+        rows = torch.as_tensor(syn.indices_of(label))
+        weights = sample_weights(gen_losses[rows], cfg.temperature)
+        g_syn.append(weighted_grad(learner_grads(learner, syn.select(rows.numpy()), cfg.grad).to(weights.device), weights))
+    loss, sims = match_loss(g_real.to(gen_losses.device), torch.stack(g_syn))
+    total = (1.0 - cfg.lm_lambda) * loss
+    metrics = {"match_loss": loss.item(), "grad_sim": sims.mean().item(), "syn_lm_loss": gen_losses.mean().item()}
+    if cfg.lm_lambda > 0:
+        lm = gen.lm_losses(train.select(lm_batches.next())).mean()
+        total = total + cfg.lm_lambda * lm
+        metrics["lm_loss"] = lm.item()
+    total.backward()
+    return metrics
+
+
+def _train_learner(learner: Learner, optimizer, train: TextSet, batches: _Cycle, steps: int) -> None:
+    """The inner loop: move the learner along real-data training between matching steps."""
+    model = learner.model
+    model.train()
+    for _ in range(steps):
+        batch = train.select(batches.next())
+        logits = model(**learner.batch(batch))
+        loss = F.cross_entropy(logits, torch.as_tensor(batch.labels, device=logits.device))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _average(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = {k for r in rows for k in r}
+    return {k: float(np.mean([r[k] for r in rows if k in r])) for k in sorted(keys)}

@@ -1,0 +1,47 @@
+"""Per-sample learner gradients, flattened: the inputs of gradient matching.
+
+``head``: from pooled features taken under no_grad (cheap, exact for the head parameters).
+``full``: all learner parameters, one backward per sample (expensive; for small batches).
+Both run the learner in eval mode so that dropout does not make the target noisy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dilm_ray.algorithm.matching import per_sample_head_grads
+from dilm_ray.data.dataset import TextSet
+from dilm_ray.models.learner import Learner
+
+
+def head_grads(learner: Learner, data: TextSet) -> torch.Tensor:
+    model = learner.model
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        features = model.features(**learner.batch(data))
+        labels = torch.as_tensor(data.labels, device=features.device)
+        grads = per_sample_head_grads(features, labels, model.head.weight, model.head.bias)
+    model.train(was_training)
+    return grads
+
+
+def full_grads(learner: Learner, data: TextSet) -> torch.Tensor:
+    model = learner.model
+    was_training = model.training
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = learner.batch(data)
+    labels = torch.as_tensor(data.labels, device=learner.device)
+    rows = []
+    for i in range(len(data)):
+        logits = model(batch["input_ids"][i : i + 1], batch["attention_mask"][i : i + 1])
+        grads = torch.autograd.grad(F.cross_entropy(logits, labels[i : i + 1]), params, allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)]))
+    model.train(was_training)
+    return torch.stack(rows).detach()
+
+
+def learner_grads(learner: Learner, data: TextSet, kind: str) -> torch.Tensor:
+    return head_grads(learner, data) if kind == "head" else full_grads(learner, data)

@@ -1,0 +1,36 @@
+"""AdamW with warmup + linear/cosine/constant decay, shared by every loop."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """No weight decay on 1-d tensors (norms, biases) and embeddings, as usual for transformers."""
+    decay = [p for p in params if p.requires_grad and p.ndim >= 2 and not _is_embedding(p)]
+    rest = [p for p in params if p.requires_grad and (p.ndim < 2 or _is_embedding(p))]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def _is_embedding(p: torch.nn.Parameter) -> bool:
+    return getattr(p, "_dilm_no_decay", False)  # set on embeddings whose rows are gradient-masked
+
+
+def schedule(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_ratio: float) -> LambdaLR:
+    warmup = int(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return LambdaLR(optimizer, factor)

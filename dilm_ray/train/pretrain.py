@@ -1,0 +1,68 @@
+"""Stage 1: fine-tune the generator as a label-conditioned LM on the train set."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dilm_ray.config import GeneratorConfig, PretrainConfig
+from dilm_ray.data.dataset import TextSet
+from dilm_ray.models.generator import Generator, set_trainable
+from dilm_ray.tracking.loggers import MetricLogger, NullLogger
+from dilm_ray.train.optim import adamw, schedule
+from dilm_ray.train.runtime import Runtime
+from dilm_ray.train.state import TrainState
+
+
+def pretrain(
+    gen: Generator,
+    train: TextSet,
+    cfg: PretrainConfig,
+    gen_cfg: GeneratorConfig,
+    seed: int,
+    runtime: Runtime = Runtime(),
+    logger: MetricLogger = NullLogger(),
+    state: TrainState | None = None,
+    on_step: Callable[[TrainState, dict[str, float]], None] | None = None,
+) -> TrainState:
+    """Run ``cfg.steps`` LM steps; each worker draws its batch share from its own shard.
+
+    ``state`` resumes a checkpointed run; ``on_step`` is called after every step (checkpointing).
+    """
+    params = set_trainable(gen, gen_cfg.train_top_layers, label_tokens=True)
+    optimizer = adamw(params, cfg.lr, cfg.weight_decay)
+    scheduler = schedule(optimizer, cfg.scheduler, cfg.steps, cfg.warmup_ratio)
+    state = state or TrainState(step=0, rng=np.random.default_rng(seed + runtime.rank).bit_generator.state)
+    state.restore_optim(optimizer, scheduler)
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state.rng
+    shard = np.arange(runtime.rank, len(train), runtime.world_size)
+    per_worker = max(1, cfg.batch_size // runtime.world_size)
+    gen.model.train()
+    bar = tqdm(range(state.step, cfg.steps), desc="pretrain", disable=not runtime.is_main, initial=state.step, total=cfg.steps)
+    window: list[float] = []
+    for step in bar:
+        batch = train.select(rng.choice(shard, size=min(per_worker, len(shard)), replace=False))
+        loss = gen.lm_losses(batch).mean()
+        loss.backward()
+        runtime.average_gradients(params)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        window.append(runtime.mean(loss.item()))
+        metrics: dict[str, float] = {}
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            metrics = {"lm_loss": float(np.mean(window)), "lr": scheduler.get_last_lr()[0]}
+            window = []
+            logger.log(metrics, step + 1)
+            bar.set_postfix(lm_loss=f"{metrics['lm_loss']:.3f}")
+        state.step = step + 1
+        state.rng = rng.bit_generator.state
+        if on_step is not None:
+            state.capture_optim(optimizer, scheduler)
+            on_step(state, metrics)
+    return state

@@ -1,0 +1,55 @@
+"""Where a training loop runs: rank, world size, device, and collectives that are no-ops alone.
+
+The same loop runs in a single process (``Runtime()``) and in each Ray Train worker
+(``Runtime.from_environment()`` once torch.distributed is initialised).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls) -> Runtime:
+        if dist.is_available() and dist.is_initialized():
+            try:
+                import ray.train.torch
+
+                device = ray.train.torch.get_device()
+            except Exception:  # outside a Ray Train worker
+                device = default_device()
+            return cls(dist.get_rank(), dist.get_world_size(), device)
+        return cls(device=default_device())
+
+    def average_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
+        if self.world_size == 1:
+            return
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad /= self.world_size
+
+    def mean(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return float(t.item()) / self.world_size

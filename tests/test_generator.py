@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+import torch
+
+from dilm_ray.config import GeneratorConfig, PretrainConfig
+from dilm_ray.data import BUILTIN_TASKS, TextSet
+from dilm_ray.models.generator import build_generator, set_trainable, top_k_top_p_probs
+from dilm_ray.train.pretrain import pretrain
+
+SST2, MNLI = BUILTIN_TASKS["sst2"], BUILTIN_TASKS["mnli"]
+
+
+@pytest.fixture
+def gen(tiny_lm_dir):
+    return build_generator(GeneratorConfig(model=str(tiny_lm_dir), max_length=12, top_k=10), SST2)
+
+
+def test_label_tokens_are_added_and_initialised_from_bos(gen):
+    emb = gen.model.get_input_embeddings().weight
+    bos = gen.tokenizer.bos_token_id
+    assert len(set(gen.bos_ids)) == 2 and gen.sep_id not in gen.bos_ids
+    for i in gen.bos_ids + [gen.sep_id]:
+        assert torch.equal(emb[i], emb[bos])
+    assert gen.encode(("good movie",), 1)[0] == gen.bos_ids[1]
+    assert gen.encode(("good movie",), 1)[-1] == gen.eos_id
+
+
+def test_lm_loss_ignores_padding(gen):
+    one = TextSet(("sentence",), (("good movie",),), np.array([1]))
+    two = TextSet(("sentence",), (("good movie",), ("the film was very quite dull and slow",)), np.array([1, 0]))
+    with torch.no_grad():
+        alone, padded = gen.lm_losses(one)[0], gen.lm_losses(two)[0]
+    assert torch.isclose(alone, padded, atol=1e-5)
+
+
+def test_top_p_filter_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    probs, ids = top_k_top_p_probs(logits, top_k=4, top_p=0.7)
+    kept = ids[probs > 0].tolist()
+    assert kept == [0, 1]  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7
+    probs, _ = top_k_top_p_probs(logits, top_k=4, top_p=1e-6)
+    assert (probs > 0).sum() == 1
+
+
+def test_sampling_is_seeded(gen):
+    cfg = GeneratorConfig(max_length=12, top_k=10)
+    a = gen.sample(0, 4, cfg, torch.Generator().manual_seed(3))
+    b = gen.sample(0, 4, cfg, torch.Generator().manual_seed(3))
+    assert a == b and all(len(s) <= 11 for s in a)
+
+
+def test_pair_generation_round_trips_through_the_separator(tiny_lm_dir):
+    gen = build_generator(GeneratorConfig(model=str(tiny_lm_dir), max_length=16), MNLI)
+    texts = ("good film", "the movie was bad")
+    ids = gen.encode(texts, 2)
+    assert gen.parse(ids[1:-1]) == texts  # without BOS and EOS, as sampling returns them
+    assert gen.parse(gen.encode(("good film",), 2)[1:-1]) is None  # missing separator
+    assert gen.parse([gen.sep_id] + gen.encode(("good",), 0)[1:-1]) is None  # empty side
+
+
+def test_malformed_samples_are_dropped_and_counted(tiny_lm_dir):
+    gen = build_generator(GeneratorConfig(model=str(tiny_lm_dir), max_length=16), MNLI)
+    # an untrained LM almost never writes exactly one separator: it must give up with a clear error
+    with pytest.raises(RuntimeError, match="well-formed samples"):
+        gen.generate(0, 4, GeneratorConfig(max_length=16), torch.Generator().manual_seed(0), max_attempts=1)
+
+
+def test_top_layers_only_and_label_rows(gen):
+    params = set_trainable(gen, top_layers=1, label_tokens=True)
+    layers = gen.model.model.layers
+    assert all(not p.requires_grad for p in layers[0].parameters())
+    assert all(p.requires_grad for p in layers[-1].parameters())
+    emb = gen.model.get_input_embeddings().weight
+    before = emb.detach().clone()
+    loss = gen.lm_losses(TextSet(("sentence",), (("good movie",), ("bad film",)), np.array([1, 0]))).mean()
+    loss.backward()
+    changed = emb.grad.abs().sum(1) > 0
+    assert set(torch.nonzero(changed).flatten().tolist()) == set(gen.bos_ids)
+    assert any(p is emb for p in params) and torch.equal(before, emb.detach())
+
+
+def test_pretraining_learns_label_conditioned_text(gen, toy_data_dir):
+    from dilm_ray.config import DataConfig
+    from dilm_ray.data import load_split, resolve_task
+
+    cfg = DataConfig(path=str(toy_data_dir))
+    train = load_split(cfg, resolve_task(cfg), "train")
+    with torch.no_grad():
+        before = gen.lm_losses(train.select(range(40))).mean().item()
+    pretrain(gen, train, PretrainConfig(steps=150, batch_size=16, lr=1e-2, warmup_ratio=0.0, log_every=50), GeneratorConfig(), seed=0)
+    with torch.no_grad():
+        after = gen.lm_losses(train.select(range(40))).mean().item()
+    assert after < before - 0.7  # the floor is ~2.3 nats: filler words are uniform
+    # label 1 samples now use positive words more than label 0 samples do
+    from tests.conftest import POS
+
+    cfg = GeneratorConfig(max_length=12, top_k=20)
+    rng = torch.Generator().manual_seed(0)
+    pos_rate = []
+    for label in (0, 1):
+        words = [gen.tokenizer.decode([t]).strip() for s in gen.sample(label, 30, cfg, rng) for t in s]
+        pos_rate.append(sum(w in POS for w in words) / max(1, len(words)))
+    assert pos_rate[1] > pos_rate[0] + 0.05

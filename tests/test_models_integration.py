@@ -1,0 +1,65 @@
+"""The embedded models load offline from the installed wheels (integration: ~40 s the first time)."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dilm_ray.cli import main
+from dilm_ray.config import GeneratorConfig, LearnerConfig
+from dilm_ray.data import BUILTIN_TASKS, TextSet
+from dilm_ray.errors import UserError
+from dilm_ray.models.generator import build_generator
+from dilm_ray.models.learner import build_learner
+from dilm_ray.models.registry import resolve_model
+
+
+@pytest.mark.integration
+def test_smollm2_converts_once_then_loads_fast(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    resolve_model("smollm2-135m")  # converts if the cache is cold
+    start = time.perf_counter()
+    gen = build_generator(GeneratorConfig(model="smollm2-135m", max_length=24), BUILTIN_TASKS["mnli"])
+    assert time.perf_counter() - start < 10
+    assert type(gen.model).__name__ == "LlamaForCausalLM" and gen.model.dtype == torch.float32
+    texts = ("A man is walking.", "Someone walks.")
+    assert gen.parse(gen.encode(texts, 0)[1:-1]) == texts
+    samples = gen.sample(0, 2, GeneratorConfig(max_length=24), torch.Generator().manual_seed(0))
+    assert len(samples) == 2 and all(len(s) <= 23 for s in samples)
+
+
+@pytest.mark.integration
+def test_minilm_loads_offline_and_embeds(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    learner = build_learner(LearnerConfig(model="minilm-l6", max_length=32), 2, seed=0)
+    emb = learner.embed(TextSet(("sentence",), (("a great film",), ("a dull film",), ("a great movie",)), [1, 0, 1]))
+    assert emb.shape == (3, 384)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(emb[0], emb[2], dim=0) > cos(emb[0], emb[1], dim=0) - 0.2  # real sentence embeddings
+
+
+@pytest.mark.integration
+def test_embedded_models_in_a_fresh_offline_process(tmp_path):
+    code = "from dilm_ray.models.registry import resolve_model; print(resolve_model('minilm-l6')); print(resolve_model('smollm2-135m'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(__import__("pathlib").Path.home())}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[1].endswith("smollm2-135m")
+
+
+def test_unknown_model_is_one_clear_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"learner.model: cannot load 'no-such/model'.*HF_HUB_OFFLINE is set.*not an embedded name \(smollm2-135m, minilm-l6\)"):
+        build_learner(LearnerConfig(model="no-such/model"), 2, seed=0)
+
+
+def test_model_folder_without_config(tmp_path):
+    with pytest.raises(UserError, match="has no config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_cli_unknown_model_exits_2(toy_data_dir, tmp_path):
+    result = CliRunner().invoke(main, ["pretrain", "configs/sst2-cpu.yaml", f"data.path={toy_data_dir}", "generator.model=no-such/model", "tracking.enabled=false", f"output_dir={tmp_path}"])
+    assert result.exit_code == 2 and result.output.startswith("error: generator.model: cannot load 'no-such/model'")

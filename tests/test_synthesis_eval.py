@@ -1,0 +1,83 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dilm_ray.config import DataConfig, EvaluateConfig, GeneratorConfig, LearnerConfig, SynthesizeConfig, load_config
+from dilm_ray.data import BUILTIN_TASKS, load_file, load_split, resolve_task
+from dilm_ray.evaluation.runner import evaluate_groups, results_table, run_plan
+from dilm_ray.evaluation.stats import summarize, welch_p
+from dilm_ray.evaluation.train_eval import scores, train_learner, predict
+from dilm_ray.models.generator import build_generator
+from dilm_ray.models.learner import build_learner
+from dilm_ray.synthesis import select_per_class, synthesize
+
+SST2 = BUILTIN_TASKS["sst2"]
+
+
+@pytest.fixture
+def data(toy_data_dir):
+    cfg = DataConfig(path=str(toy_data_dir))
+    task = resolve_task(cfg)
+    return load_split(cfg, task, "train"), load_split(cfg, task, "validation")
+
+
+def test_synthesize_writes_dpc_per_class_sets(tiny_lm_dir, tiny_bert_dir, tmp_path):
+    gen = build_generator(GeneratorConfig(model=str(tiny_lm_dir), max_length=10), SST2)
+    learner = build_learner(LearnerConfig(model=str(tiny_bert_dir), max_length=16), 2, seed=0)
+    sets, dropped = synthesize(gen, learner, SynthesizeConfig(n_datasets=2, over_sample_ratio=3), GeneratorConfig(max_length=10), dpc=3, seed=0, progress=False)
+    assert len(sets) == 2 and dropped >= 0
+    for s in sets:
+        assert s.counts(2) == [3, 3] and all(t[0] for t in s.texts)
+    assert sets[0].texts != sets[1].texts
+    parquet, _ = sets[0].save(tmp_path)
+    assert load_file(parquet, SST2).texts == sets[0].texts
+
+
+def test_coreset_methods_pick_per_class():
+    emb = torch.tensor([[0.0], [1.0], [2.0], [10.0], [11.0], [12.0]])
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    for method in ("random", "k_centers", "herding"):
+        idx = select_per_class(emb, labels, 2, method, seed=0)
+        assert sorted(labels[idx].tolist()) == [0, 0, 1, 1]
+    assert set(select_per_class(emb, labels, 1, "herding", 0).tolist()) == {1, 4}
+
+
+def test_training_on_real_data_beats_chance_and_is_reproducible(tiny_bert_dir, data):
+    train, val = data
+    learner = build_learner(LearnerConfig(model=str(tiny_bert_dir), max_length=16), 2, seed=0)
+    cfg = EvaluateConfig(steps=60, lr=3e-3, batch_size=32)
+    train_learner(learner, train, cfg, seed=1)
+    first = predict(learner, val, 64)
+    assert scores(first, val.labels, "accuracy")["accuracy"] > 0.8
+    train_learner(learner, train, cfg, seed=1)
+    assert np.array_equal(first, predict(learner, val, 64))
+
+
+def test_accuracy_f1_metric():
+    s = scores(np.array([1, 1, 0, 0]), np.array([1, 0, 0, 1]), "accuracy_f1")
+    assert s["accuracy"] == 0.5 and s["f1"] == 0.5 and s["score"] == 0.5
+
+
+def test_stats():
+    assert summarize([1.0, 3.0]) == {"mean": 2.0, "std": pytest.approx(2**0.5), "runs": 2}
+    assert welch_p([0.9, 0.91, 0.92], [0.5, 0.51, 0.52]) < 0.001
+    assert np.isnan(welch_p([1.0], [0.5, 0.6]))
+
+
+def test_run_plan_gives_every_group_the_same_runs():
+    groups = {("dilm", 5): ["a", "b"], ("herding", 5): ["h"]}
+    plan = run_plan(groups, 4, seed=10)
+    assert [p for p in plan if p[0] == ("herding", 5)] == [(("herding", 5), 0, s) for s in (10, 11, 12, 13)]
+    assert [p[1] for p in plan if p[0] == ("dilm", 5)] == [0, 1, 0, 1]
+
+
+def test_evaluate_groups_table(tiny_bert_dir, data, tiny_overrides):
+    train, val = data
+    cfg = load_config("configs/sst2-cpu.yaml", tiny_overrides + ["evaluate.steps=2"])
+    groups = {("dilm", 2): [train.select([0, 1, 2, 3])], ("random", 2): [train.select([4, 5, 6, 7])]}
+    runs = evaluate_groups(cfg, SST2, val, groups)
+    assert len(runs) == 4 and set(runs.method) == {"dilm", "random"}
+    table = results_table(runs)
+    assert table.set_index("method").loc["dilm", "runs"] == 2
+    assert "p_vs_dilm" in table.columns
