@@ -62,27 +62,29 @@ def validate(cfg: Config) -> None:
 
 
 @main.command()
+@click.option("--resume", is_flag=True, help="continue the run with the same name from its latest checkpoint")
 @_command
-def pretrain(cfg: Config) -> None:
-    """Stage 1: fine-tune the generator as a label-conditioned LM."""
-    from dilm_ray.pipeline import load_data, pretrain_stage
+def pretrain(cfg: Config, resume: bool) -> None:
+    """Stage 1: fine-tune the generator as a label-conditioned LM (Ray Train)."""
+    from dilm_ray.pipeline import check_inputs, pretrain_stage
     from dilm_ray.tracking.mlflow_store import mlflow_run
 
-    data = load_data(cfg, need_validation=False)
+    check_inputs(cfg)
     with mlflow_run(cfg, "pretrain") as run_id:
-        click.echo(f"LM-only generator saved to {pretrain_stage(cfg, data, run_id)}")
+        click.echo(f"LM-only generator saved to {pretrain_stage(cfg, run_id, resume)}")
 
 
 @main.command()
+@click.option("--resume", is_flag=True, help="continue the run with the same name from its latest checkpoint")
 @_command
-def distill(cfg: Config) -> None:
-    """Stage 2: gradient matching on the pre-trained generator."""
-    from dilm_ray.pipeline import distill_stage, load_data
+def distill(cfg: Config, resume: bool) -> None:
+    """Stage 2: gradient matching on the pre-trained generator (Ray Train)."""
+    from dilm_ray.pipeline import check_inputs, distill_stage
     from dilm_ray.tracking.mlflow_store import mlflow_run
 
-    data = load_data(cfg, need_validation=False)
+    check_inputs(cfg)
     with mlflow_run(cfg, "distill") as run_id:
-        click.echo(f"DiLM generator saved to {distill_stage(cfg, data, run_id)}")
+        click.echo(f"DiLM generator saved to {distill_stage(cfg, run_id, resume)}")
 
 
 @main.command()
@@ -115,9 +117,20 @@ def coreset(cfg: Config, methods: tuple[str, ...]) -> None:
 
 
 @main.command()
+@click.option("--resume", is_flag=True, help="continue an interrupted sweep with the same name")
+@_command
+def tune(cfg: Config, resume: bool) -> None:
+    """Ray Tune sweep over tune.space: each trial distills, synthesizes and evaluates (ASHA stops weak trials)."""
+    from dilm_ray.tune import run_sweep
+
+    click.echo(run_sweep(cfg, resume))
+
+
+@main.command()
+@click.option("--learner", "learners", multiple=True, help="learner architecture(s) to train; default: evaluate.learners or learner.model")
 @click.option("--data", "data_path", type=click.Path(exists=True), help="a dataset file, or a folder of <method>/dpc<D>/set<i>/train.parquet; default: the run's distilled/ folder")
 @_command
-def evaluate(cfg: Config, data_path: str | None) -> None:
+def evaluate(cfg: Config, learners: tuple[str, ...], data_path: str | None) -> None:
     """Train fresh learners on distilled sets and report mean/std accuracy and Welch p-values."""
     from dilm_ray.evaluation.runner import evaluate_groups, results_table, to_markdown, write_results
     from dilm_ray.data import load_file
@@ -134,7 +147,7 @@ def evaluate(cfg: Config, data_path: str | None) -> None:
             raise UserError(f"no distilled sets under {source} (expected <method>/dpc<D>/set<i>/train.parquet)")
     groups = {g: [load_file(p, data.task) for p in paths] for g, paths in found.items()}
     with mlflow_run(cfg, "evaluate") as run_id:
-        runs = evaluate_groups(cfg, data.task, data.validation, groups)
+        runs = evaluate_groups(cfg, data.task, data.validation, groups, list(learners) or None)
         table = results_table(runs)
         log_artifacts(run_id, write_results(runs, table, cfg.run_dir / "results"), "results")
     click.echo(to_markdown(table))

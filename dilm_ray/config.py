@@ -120,6 +120,8 @@ class EvaluateConfig(_Section):
     n_evals_per_dataset: int = Field(5, ge=1, description="learner seeds per distilled set")
     eval_batch_size: int = Field(128, ge=1)
     baselines: list[Literal["random", "k_centers", "herding", "lm_only"]] = ["random", "k_centers", "herding", "lm_only"]
+    learners: list[str] = Field([], description="learner architectures to evaluate (minilm-l6, smollm2-135m, scratch-transformer, tfidf-logreg, hub ids); empty: learner.model")
+    parallel: bool = Field(True, description="fan runs out as Ray tasks (ray.cpus_per_eval_task each)")
 
 
 class SearchSpec(_Section):
@@ -186,6 +188,21 @@ class Config(_Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+    def absolute(self) -> Config:
+        """Paths resolved against the working folder, so that Ray workers elsewhere see the same files."""
+
+        def local(value: str | None) -> str | None:
+            return str(Path(value).expanduser().resolve()) if value and Path(value).expanduser().exists() else value
+
+        return self.model_copy(
+            update={
+                "output_dir": str(Path(self.output_dir).expanduser().resolve()),
+                "data": self.data.model_copy(update={"path": local(self.data.path)}),
+                "generator": self.generator.model_copy(update={"model": local(self.generator.model)}),
+                "learner": self.learner.model_copy(update={"model": local(self.learner.model)}),
+            }
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -283,6 +300,6 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if overrides:
         source += " + overrides"
     try:
-        return Config.model_validate(tree)
+        return Config.model_validate(tree).absolute()
     except ValidationError as err:
         raise UserError(_format_error(err, source)) from None

@@ -22,7 +22,6 @@ from dilm_ray.errors import UserError
 from dilm_ray.models.generator import build_generator
 from dilm_ray.models.learner import build_learner
 from dilm_ray.synthesis import CORESETS, coreset, synthesize
-from dilm_ray.tracking.loggers import ConsoleLogger, MLflowLogger, MultiLogger
 from dilm_ray.tracking.mlflow_store import log_artifacts
 
 LM_DIR, DILM_DIR = "generator-lm", "generator-dilm"
@@ -53,18 +52,38 @@ def load_data(cfg: Config, need_validation: bool = True) -> TaskData:
     return TaskData(task, train, val)
 
 
-def _logger(prefix: str, run_id: str | None) -> MultiLogger:
-    return MultiLogger(ConsoleLogger(prefix), MLflowLogger(prefix, run_id))
+def check_inputs(cfg: Config) -> TaskData:
+    """Load the data and resolve both models in the driver, so that user errors are one line
+    here rather than tracebacks from inside Ray workers."""
+    from transformers import AutoConfig
+
+    from dilm_ray.models.registry import load_with_hint
+
+    data = load_data(cfg, need_validation=False)
+    load_with_hint("generator.model", cfg.generator.model, AutoConfig.from_pretrained)
+    load_with_hint("learner.model", cfg.learner.model, AutoConfig.from_pretrained)
+    return data
 
 
-def pretrain_stage(cfg: Config, data: TaskData, run_id: str | None = None) -> Path:
-    from dilm_ray.train.pretrain import pretrain
+def pretrain_stage(cfg: Config, run_id: str | None = None, resume: bool = False) -> Path:
+    """Stage 1 on Ray Train (``ray.num_workers`` workers); returns the LM-only generator folder."""
+    from dilm_ray.train.ray_train import fit_stage
 
-    gen = build_generator(cfg.generator, data.task)
-    pretrain(gen, data.train, cfg.pretrain, cfg.generator, cfg.seed, logger=_logger("pretrain", run_id))
-    out = cfg.run_dir / LM_DIR
-    gen.save(out)
-    return out
+    return fit_stage(cfg, "pretrain", resume, run_id, tracking_uri_if(cfg, run_id))
+
+
+def distill_stage(cfg: Config, run_id: str | None = None, resume: bool = False) -> Path:
+    """Stage 2 on Ray Train, starting from the stage-1 generator; returns the DiLM generator folder."""
+    from dilm_ray.train.ray_train import fit_stage
+
+    generator_source(cfg, LM_DIR)  # fail early, before Ray starts
+    return fit_stage(cfg, "distill", resume, run_id, tracking_uri_if(cfg, run_id))
+
+
+def tracking_uri_if(cfg: Config, run_id: str | None) -> str | None:
+    from dilm_ray.tracking.mlflow_store import tracking_uri
+
+    return tracking_uri(cfg) if run_id else None
 
 
 def generator_source(cfg: Config, stage_dir: str) -> str:
@@ -72,17 +91,6 @@ def generator_source(cfg: Config, stage_dir: str) -> str:
     if not (path / "config.json").is_file():
         raise UserError(f"{path} does not hold a generator checkpoint: run the earlier stage first")
     return str(path)
-
-
-def distill_stage(cfg: Config, data: TaskData, run_id: str | None = None) -> Path:
-    from dilm_ray.train.distill import distill
-
-    gen = build_generator(cfg.generator, data.task, generator_source(cfg, LM_DIR))
-    learner = build_learner(cfg.learner, data.task.num_labels, cfg.seed)
-    distill(gen, learner, data.train, cfg.distill, cfg.generator, cfg.seed, logger=_logger("distill", run_id))
-    out = cfg.run_dir / DILM_DIR
-    gen.save(out)
-    return out
 
 
 def set_dir(cfg: Config, method: str, dpc: int, index: int) -> Path:
@@ -94,12 +102,26 @@ def synthesize_stage(cfg: Config, data: TaskData, method: str = "dilm", run_id: 
     gen = build_generator(cfg.generator, data.task, generator_source(cfg, DILM_DIR if method == "dilm" else LM_DIR))
     learner = build_learner(cfg.learner, data.task.num_labels, cfg.seed)
     written: dict[int, list[Path]] = {}
+    previews = []
     for dpc in cfg.synthesize.dpc:
         sets, dropped = synthesize(gen, learner, cfg.synthesize, cfg.generator, dpc, cfg.seed)
         written[dpc] = [s.save(set_dir(cfg, method, dpc, i))[0] for i, s in enumerate(sets)]
         print(f"{method} dpc={dpc}: {len(sets)} sets, {dropped} malformed samples dropped and regenerated")
+        previews.append(preview(sets[0], data.task, f"{method}, DPC {dpc}, set 0"))
+    preview_path = cfg.run_dir / "distilled" / method / "preview.md"
+    preview_path.write_text("\n\n".join(previews) + "\n")
     log_artifacts(run_id, [cfg.run_dir / "distilled" / method], f"distilled/{method}")
     return written
+
+
+def preview(data: TextSet, task: TaskSpec, title: str, per_label: int = 5) -> str:
+    """A few samples per label as markdown, for people browsing MLflow artifacts."""
+    lines = [f"### {title}"]
+    for label, name in enumerate(task.label_names):
+        lines.append(f"**{name}**")
+        for i in data.indices_of(label)[:per_label]:
+            lines.append("- " + " ‖ ".join(t.replace("\n", " ") for t in data.texts[i]))
+    return "\n".join(lines)
 
 
 def coreset_stage(cfg: Config, data: TaskData, methods: tuple[str, ...] = CORESETS, embeddings: torch.Tensor | None = None) -> dict[str, dict[int, list[Path]]]:

@@ -7,6 +7,7 @@ from dilm_ray.data import load_file
 from dilm_ray.evaluation.runner import evaluate_groups, results_table, to_markdown, write_results
 from dilm_ray.pipeline import (
     Timer,
+    check_inputs,
     coreset_stage,
     discover_sets,
     distill_stage,
@@ -18,14 +19,30 @@ from dilm_ray.synthesis import CORESETS
 from dilm_ray.tracking.mlflow_store import log_artifacts, mlflow_run
 
 
+CURVES = ("pretrain.lm_loss", "distill.grad_sim", "distill.match_loss", "distill.syn_lm_loss")
+
+
+def training_curves_png(run_id: str, path):
+    """Stage 1-2 metrics recorded in MLflow, drawn as one PNG."""
+    import mlflow
+
+    from dilm_ray.evaluation.plots import training_curves
+
+    client = mlflow.MlflowClient()
+    history = {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in CURVES}
+    history = {k: v for k, v in history.items() if v}
+    return training_curves(history, path, "DiLM training") if history else None
+
+
 def run_pipeline(cfg: Config) -> str:
     timer = Timer()
+    check_inputs(cfg)
     data = load_data(cfg)
     with mlflow_run(cfg, "run") as run_id:
         with timer("pretrain"):
-            pretrain_stage(cfg, data, run_id)
+            pretrain_stage(cfg, run_id)
         with timer("distill"):
-            distill_stage(cfg, data, run_id)
+            distill_stage(cfg, run_id)
         with timer("synthesize"):
             synthesize_stage(cfg, data, "dilm", run_id)
             if "lm_only" in cfg.evaluate.baselines:
@@ -45,4 +62,6 @@ def run_pipeline(cfg: Config) -> str:
             import mlflow
 
             mlflow.log_metrics({f"seconds.{k}": v for k, v in timer.seconds.items()})
+            curves = training_curves_png(run_id, cfg.run_dir / "results" / "training_curves.png")
+            log_artifacts(run_id, [curves] if curves else [], "results")
     return f"{to_markdown(table)}\n\nwall time per stage:\n{timing}"

@@ -67,17 +67,20 @@ def test_stats():
 
 def test_run_plan_gives_every_group_the_same_runs():
     groups = {("dilm", 5): ["a", "b"], ("herding", 5): ["h"]}
-    plan = run_plan(groups, 4, seed=10)
-    assert [p for p in plan if p[0] == ("herding", 5)] == [(("herding", 5), 0, s) for s in (10, 11, 12, 13)]
-    assert [p[1] for p in plan if p[0] == ("dilm", 5)] == [0, 1, 0, 1]
+    plan = run_plan(groups, 4, seed=10, learners=["x", "y"])
+    herding = [(r.set_index, r.seed) for r in plan if r.method == "herding" and r.learner == "x"]
+    assert herding == [(0, 10), (0, 11), (0, 12), (0, 13)]
+    assert [r.set_index for r in plan if r.method == "dilm" and r.learner == "y"] == [0, 1, 0, 1]
+    assert len(plan) == 2 * 2 * 4
 
 
 def test_evaluate_groups_table(tiny_bert_dir, data, tiny_overrides):
     train, val = data
     cfg = load_config("configs/sst2-cpu.yaml", tiny_overrides + ["evaluate.steps=2"])
     groups = {("dilm", 2): [train.select([0, 1, 2, 3])], ("random", 2): [train.select([4, 5, 6, 7])]}
-    runs = evaluate_groups(cfg, SST2, val, groups)
-    assert len(runs) == 4 and set(runs.method) == {"dilm", "random"}
+    runs = evaluate_groups(cfg, SST2, val, groups, learners=[str(tiny_bert_dir), "tfidf-logreg"], parallel=False)
+    assert len(runs) == 2 * 2 * 2 and set(runs.method) == {"dilm", "random"}
+    assert set(runs.family) == {"encoder", "tfidf-logreg"}
     table = results_table(runs)
-    assert table.set_index("method").loc["dilm", "runs"] == 2
+    assert len(table) == 4 and (table.runs == 2).all()
     assert "p_vs_dilm" in table.columns

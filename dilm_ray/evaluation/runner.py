@@ -1,8 +1,8 @@
-"""Evaluate groups of distilled sets: every set x several learner seeds, then a results table."""
+"""Evaluate groups of distilled sets: learners x sets x seeds, sequentially or as Ray tasks."""
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -10,39 +10,52 @@ from tqdm.auto import tqdm
 
 from dilm_ray.config import Config
 from dilm_ray.data import TaskSpec, TextSet
+from dilm_ray.evaluation.learners import describe, evaluate_learner
 from dilm_ray.evaluation.stats import summarize, welch_p
-from dilm_ray.evaluation.train_eval import predict, scores, train_learner
-from dilm_ray.models.learner import Learner, build_learner
 
 Group = tuple[str, int]  # (method, dpc)
 
 
-def run_plan(groups: dict[Group, list[TextSet]], runs_per_group: int, seed: int) -> list[tuple[Group, int, int]]:
-    """(group, set index, learner seed) for every run; a group with fewer sets (herding: 1) cycles
-    through them so that every group gets ``runs_per_group`` runs."""
-    plan = []
-    for group, sets in groups.items():
-        for r in range(runs_per_group):
-            plan.append((group, r % len(sets), seed + r))
-    return plan
+@dataclass(frozen=True)
+class Run:
+    learner: str
+    method: str
+    dpc: int
+    set_index: int
+    seed: int
 
 
-def evaluate_one(learner: Learner, train: TextSet, validation: TextSet, cfg: Config, task: TaskSpec, seed: int) -> dict[str, float]:
-    start = time.perf_counter()
-    train_learner(learner, train, cfg.evaluate, seed)
-    out = scores(predict(learner, validation, cfg.evaluate.eval_batch_size), validation.labels, task.metric)
-    out["seconds"] = time.perf_counter() - start
-    return out
+def run_plan(groups: dict[Group, list], runs_per_group: int, seed: int, learners: list[str]) -> list[Run]:
+    """Every run; a group with fewer sets (herding: 1) cycles through them so that every group
+    gets ``runs_per_group`` runs with the same seeds."""
+    return [
+        Run(learner, method, dpc, r % len(sets), seed + r)
+        for learner in learners
+        for (method, dpc), sets in groups.items()
+        for r in range(runs_per_group)
+    ]
 
 
-def evaluate_groups(cfg: Config, task: TaskSpec, validation: TextSet, groups: dict[Group, list[TextSet]], learner_name: str | None = None) -> pd.DataFrame:
-    """One row per run: method, dpc, set, seed, learner and scores (sequential, in this process)."""
-    learner = build_learner(cfg.learner, task.num_labels, cfg.seed, learner_name)
-    rows = []
-    plan = run_plan(groups, cfg.synthesize.n_datasets * cfg.evaluate.n_evals_per_dataset, cfg.seed)
-    for (method, dpc), index, seed in tqdm(plan, desc="evaluate"):
-        result = evaluate_one(learner, groups[(method, dpc)][index], validation, cfg, task, seed)
-        rows.append({"method": method, "dpc": dpc, "set": index, "seed": seed, "learner": learner_name or cfg.learner.model, **result})
+def run_one(cfg: Config, task: TaskSpec, validation: TextSet, train: TextSet, run: Run, cache: dict | None = None) -> dict:
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    result = evaluate_learner(run.learner, train, validation, cfg, task, run.seed, cache)
+    return {**run.__dict__, "family": describe(run.learner), **result}
+
+
+def evaluate_groups(cfg: Config, task: TaskSpec, validation: TextSet, groups: dict[Group, list[TextSet]], learners: list[str] | None = None, parallel: bool | None = None) -> pd.DataFrame:
+    """One row per run (learner, method, dpc, set, seed, scores, seconds)."""
+    learners = learners or cfg.evaluate.learners or [cfg.learner.model]
+    plan = run_plan(groups, cfg.synthesize.n_datasets * cfg.evaluate.n_evals_per_dataset, cfg.seed, learners)
+    if cfg.evaluate.parallel if parallel is None else parallel:
+        from dilm_ray.evaluation.parallel import run_parallel
+
+        rows = run_parallel(cfg, task, validation, groups, plan)
+    else:
+        cache: dict = {}
+        rows = [run_one(cfg, task, validation, groups[(r.method, r.dpc)][r.set_index], r, cache) for r in tqdm(plan, desc="evaluate")]
     return pd.DataFrame(rows)
 
 
@@ -65,16 +78,19 @@ def to_markdown(table: pd.DataFrame) -> str:
     p_col = next((c for c in table.columns if c.startswith("p_vs_")), None)
     for r in table.itertuples(index=False):
         p = getattr(r, p_col) if p_col else float("nan")
-        lines.append(
-            f"| {r.learner} | {r.dpc} | {r.method} | {100 * r.mean:.1f} ± {100 * r.std:.1f} | {r.runs} | {'' if p != p else f'{p:.3g}'} |"
-        )
+        name = Path(r.learner).name if Path(r.learner).exists() else r.learner
+        lines.append(f"| {name} | {r.dpc} | {r.method} | {100 * r.mean:.1f} ± {100 * r.std:.1f} | {r.runs} | {'' if p != p else f'{p:.3g}'} |")
     return "\n".join(lines)
 
 
 def write_results(runs: pd.DataFrame, table: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """runs.csv, table.csv, table.md and accuracy_vs_dpc.png."""
+    from dilm_ray.evaluation.plots import accuracy_vs_dpc
+
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "runs.csv", out_dir / "table.csv", out_dir / "table.md"]
     runs.to_csv(paths[0], index=False)
     table.to_csv(paths[1], index=False)
     paths[2].write_text(to_markdown(table) + "\n")
+    paths.append(accuracy_vs_dpc(table, out_dir / "accuracy_vs_dpc.png"))
     return paths

@@ -40,13 +40,15 @@ def train_learner(learner: Learner, train: TextSet, cfg: EvaluateConfig, seed: i
 
 @torch.no_grad()
 def predict(learner: Learner, data: TextSet, batch_size: int) -> np.ndarray:
+    """Predicted labels; batches hold texts of similar length so little compute goes to padding."""
     model = learner.model
     model.eval()
-    preds = []
+    order = np.argsort([sum(len(t) for t in texts) for texts in data.texts], kind="stable")
+    preds = np.empty(len(data), dtype=np.int64)
     for start in range(0, len(data), batch_size):
-        part = data.select(range(start, min(start + batch_size, len(data))))
-        preds.append(model(**learner.batch(part)).argmax(-1).cpu().numpy())
-    return np.concatenate(preds)
+        idx = order[start : start + batch_size]
+        preds[idx] = model(**learner.batch(data.select(idx))).argmax(-1).cpu().numpy()
+    return preds
 
 
 def scores(preds: np.ndarray, labels: np.ndarray, metric: str) -> dict[str, float]:

@@ -1,0 +1,188 @@
+"""Learner architectures the evaluator can train on distilled text, selected by name.
+
+- any name ``build_learner`` accepts (hub id, local folder, ``minilm-l6``, ``smollm2-135m``): the
+  pretrained neural learner, fine-tuned by ``train_learner`` (decoders pool the last token);
+- ``scratch-transformer``: a small BERT-style transformer with random weights drawn from the run
+  seed, on the MiniLM tokenizer, trained by the same ``train_learner`` protocol;
+- ``tfidf-logreg``: word 1-2 gram TF-IDF + logistic regression. Text-level distilled sets can
+  train models no embedding-level distillation method can; this learner shows it.
+
+``evaluate_learner`` is the single entry point: same (name, train, validation, seed) gives the
+same scores. A ``cache`` dict lets one process build each model once and reset it per run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from dilm_ray.config import Config, LearnerConfig
+from dilm_ray.data.dataset import TextSet
+from dilm_ray.data.tasks import TaskSpec
+from dilm_ray.evaluation.train_eval import predict, scores, train_learner
+from dilm_ray.models.learner import DECODER_TYPES, Classifier, Learner, build_learner
+from dilm_ray.models.registry import load_with_hint
+
+SCRATCH = "scratch-transformer"
+TFIDF = "tfidf-logreg"
+SCRATCH_TOKENIZER = "minilm-l6"
+# Architecture of the from-scratch learner: small enough to train in seconds on CPU.
+SCRATCH_SHAPE = dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=256, max_position_embeddings=512)
+# None: the evaluate lr (cfg.evaluate.lr), as for every other neural learner. Not tuned on validation data.
+SCRATCH_LR: float | None = None
+PAIR_SEPARATOR = " [SEP] "
+
+FAMILIES = ("encoder", "decoder", SCRATCH, TFIDF, "hub/local")
+LEARNER_KINDS: dict[str, str] = {"minilm-l6": "encoder", "smollm2-135m": "decoder", SCRATCH: SCRATCH, TFIDF: TFIDF}
+
+
+def describe(name: str) -> str:
+    """The architecture family of a learner name, for table labels (no model is loaded).
+
+    Built-in names map through ``LEARNER_KINDS``; a local folder is classified from its
+    config.json (decoder model types pool the last token); anything else is "hub/local".
+    """
+    if name in LEARNER_KINDS:
+        return LEARNER_KINDS[name]
+    config = Path(name).expanduser() / "config.json"
+    if config.is_file():
+        try:
+            meta = json.loads(config.read_text())
+        except (OSError, ValueError):
+            return "hub/local"
+        return "decoder" if meta.get("is_decoder") or meta.get("model_type") in DECODER_TYPES else "encoder"
+    return "hub/local"
+
+
+# ---------------------------------------------------------------------------------------------
+# scratch-transformer
+
+
+class ScratchLearner(Learner):
+    """A randomly initialised body: every ``reset(seed)`` re-draws body and head from ``seed``.
+
+    The draw uses a private ``torch.Generator`` and plain ``torch.nn.init`` calls (BERT's scheme:
+    N(0, initializer_range) for linear and embedding weights, zero biases, unit LayerNorm), so it
+    neither touches the global RNG nor depends on transformers' "already initialised" flags.
+    """
+
+    def reset(self, seed: int) -> None:
+        super().reset(seed)  # the head, drawn from seed as for every learner
+        body = self.model.body
+        std = float(getattr(body.config, "initializer_range", 0.02))
+        rng = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for module in body.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.normal_(module.weight, 0.0, std, generator=rng)
+                    if module.bias is not None:
+                        module.bias.zero_()
+                elif isinstance(module, nn.Embedding):
+                    nn.init.normal_(module.weight, 0.0, std, generator=rng)
+                    if module.padding_idx is not None:
+                        module.weight[module.padding_idx].zero_()
+                elif isinstance(module, nn.LayerNorm):
+                    if module.weight is not None:
+                        module.weight.fill_(1.0)
+                    if module.bias is not None:
+                        module.bias.zero_()
+
+
+def build_scratch(cfg: LearnerConfig, num_labels: int, seed: int) -> ScratchLearner:
+    """A small BERT (``SCRATCH_SHAPE``) from config on the MiniLM tokenizer, mean pooling."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = load_with_hint("learner.model", SCRATCH_TOKENIZER, lambda p: AutoTokenizer.from_pretrained(p))
+    tokenizer.padding_side = "right"
+    config = BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **SCRATCH_SHAPE)
+    body = BertModel(config, add_pooling_layer=False)
+    model = Classifier(body, config.hidden_size, num_labels, "mean", cfg.dropout)
+    max_length = min(cfg.max_length, config.max_position_embeddings)
+    learner = ScratchLearner(model, tokenizer, max_length, cfg.embed_batch_size)
+    learner.reset(seed)
+    return learner
+
+
+# ---------------------------------------------------------------------------------------------
+# tfidf-logreg
+
+
+def joined_texts(data: TextSet) -> list[str]:
+    """One string per row; the two fields of a pair task joined by ``PAIR_SEPARATOR``."""
+    return [PAIR_SEPARATOR.join(t) for t in data.texts]
+
+
+def tfidf_predict(train: TextSet, validation: TextSet, seed: int) -> np.ndarray:
+    """Fit TF-IDF (word 1-2 grams, sublinear tf) + logistic regression on ``train``, predict ``validation``.
+
+    Degenerate training sets (one label only, or no token TfidfVectorizer can keep) predict the
+    most frequent training label instead of raising.
+    """
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    majority = int(np.bincount(train.labels).argmax())
+    if len(np.unique(train.labels)) < 2:
+        return np.full(len(validation), majority, dtype=np.int64)
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    try:
+        x_train = vectorizer.fit_transform(joined_texts(train))
+    except ValueError:  # empty vocabulary
+        return np.full(len(validation), majority, dtype=np.int64)
+    clf = LogisticRegression(max_iter=1000, random_state=seed)
+    clf.fit(x_train, train.labels)
+    return clf.predict(vectorizer.transform(joined_texts(validation))).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+
+
+def build(name: str, cfg: Config, task: TaskSpec, seed: int) -> Learner | None:
+    """The model behind ``name`` (None for tfidf-logreg, which is fitted from scratch per call)."""
+    if name == TFIDF:
+        return None
+    if name == SCRATCH:
+        return build_scratch(cfg.learner, task.num_labels, seed)
+    return build_learner(cfg.learner, task.num_labels, seed, name)
+
+
+def _cached(name: str, cfg: Config, task: TaskSpec, seed: int, cache: dict | None) -> Learner | None:
+    if cache is None:
+        return build(name, cfg, task, seed)
+    learner = cache.get(name)
+    # A different label count needs a different head: rebuild rather than train the wrong shape.
+    if learner is None or learner.model.head.out_features != task.num_labels:
+        learner = cache[name] = build(name, cfg, task, seed)
+    return learner
+
+
+def evaluate_learner(
+    name: str, train: TextSet, validation: TextSet, cfg: Config, task: TaskSpec, seed: int, cache: dict | None = None
+) -> dict[str, float]:
+    """Train learner ``name`` on ``train`` with ``seed`` and score it on ``validation``.
+
+    Returns ``scores(...)`` (accuracy, score, and f1 for accuracy_f1 tasks) plus "seconds", the
+    time to train and predict (model loading excluded, as in ``runner.evaluate_one``). Neural
+    learners follow ``cfg.evaluate`` (``train_learner`` resets them to ``seed`` first), so a
+    learner taken from ``cache`` gives the same scores as a freshly built one.
+    """
+    if name == TFIDF:
+        start = time.perf_counter()
+        preds = tfidf_predict(train, validation, seed)
+    else:
+        learner = _cached(name, cfg, task, seed, cache)
+        evaluate = cfg.evaluate
+        if name == SCRATCH and SCRATCH_LR is not None:
+            evaluate = evaluate.model_copy(update={"lr": SCRATCH_LR})
+        start = time.perf_counter()
+        train_learner(learner, train, evaluate, seed)
+        preds = predict(learner, validation, cfg.evaluate.eval_batch_size)
+    out = scores(preds, validation.labels, task.metric)
+    out["seconds"] = time.perf_counter() - start
+    return out

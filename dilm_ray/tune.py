@@ -1,0 +1,163 @@
+"""``dilm-ray tune``: a Ray Tune sweep over the config's ``tune.space``.
+
+Each trial = distill (a ``TorchTrainer`` inside the trial) + synthesize + evaluate, starting
+from one shared stage-1 generator. Trials report the running mean validation score after each
+evaluated distilled set, so ASHA can stop weak trials early. MLflow: one parent run for the
+sweep, one child run per trial (``MLflowLoggerCallback`` on the driver closes ASHA-stopped runs).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dilm_ray.config import Config, SearchSpec, apply_override
+from dilm_ray.errors import UserError
+
+TUNE_DIR = "tune"
+
+
+def search_space(space: dict[str, SearchSpec]) -> dict[str, Any]:
+    from ray import tune
+
+    def one(spec: SearchSpec):
+        if spec.type == "grid":
+            return tune.grid_search(spec.values)
+        if spec.type == "choice":
+            return tune.choice(spec.values)
+        if spec.type == "loguniform":
+            return tune.loguniform(spec.low, spec.high)
+        return tune.uniform(spec.low, spec.high)
+
+    return {key: one(spec) for key, spec in space.items()}
+
+
+def trial_config(base: Config, params: dict[str, Any], trial_name: str) -> Config:
+    """The base config with the trial's values, written into its own run folder."""
+    tree = base.to_dict()
+    for key, value in params.items():
+        apply_override(tree, key, value)
+    tree["name"] = trial_name
+    tree["output_dir"] = str(base.run_dir / TUNE_DIR / "trials")
+    tree["ray"]["storage_path"] = str(base.run_dir / TUNE_DIR / "train")
+    tree["tracking"]["enabled"] = False  # the driver's MLflowLoggerCallback records trials
+    return Config.model_validate(tree)
+
+
+def run_trial(params: dict[str, Any], base_dict: dict[str, Any]) -> None:
+    """One trial (runs as a Tune function trainable)."""
+    from ray import tune
+
+    from dilm_ray.data import TextSet
+    from dilm_ray.evaluation.runner import Run, run_one
+    from dilm_ray.pipeline import LM_DIR, load_data, setup_torch, synthesize_stage
+    from dilm_ray.data import load_file
+    from dilm_ray.train.ray_train import fit_stage
+
+    base = Config.model_validate(base_dict)
+    cfg = trial_config(base, params, f"trial-{tune.get_context().get_trial_id()}")
+    setup_torch(cfg)
+    lm = cfg.run_dir / LM_DIR
+    if not lm.exists():
+        lm.parent.mkdir(parents=True, exist_ok=True)
+        lm.symlink_to(base.run_dir / LM_DIR)
+    fit_stage(cfg, "distill")
+    data = load_data(cfg)
+    written = synthesize_stage(cfg, data, "dilm")
+    cache: dict = {}
+    scores: list[float] = []
+    runs_per_set = cfg.evaluate.n_evals_per_dataset
+    for index in range(cfg.synthesize.n_datasets):
+        for dpc, paths in written.items():
+            train: TextSet = load_file(paths[index], data.task)
+            for r in range(runs_per_set):
+                run = Run(cfg.learner.model, "dilm", dpc, index, cfg.seed + index * runs_per_set + r)
+                scores.append(run_one(cfg, data.task, data.validation, train, run, cache)["score"])
+        tune.report({cfg.tune.metric: float(np.mean(scores)), "sets_evaluated": index + 1, "runs": len(scores), "run_dir": str(cfg.run_dir)})
+
+
+def run_sweep(cfg: Config, resume: bool = False) -> str:
+    """Run (or resume) the sweep; returns a ranked markdown table. Writes best.yaml and copies
+    the best trial's distilled sets to ``<run_dir>/tune/best-distilled``."""
+    import ray
+    from ray import tune
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from dilm_ray.pipeline import LM_DIR, check_inputs, pretrain_stage
+    from dilm_ray.ray_env import ensure_ray
+    from dilm_ray.tracking.mlflow_store import experiment_name, log_artifacts, mlflow_run, tracking_uri
+
+    if not cfg.tune.space:
+        raise UserError("tune.space is empty: add at least one dimension, e.g. distill.inner_loop: {type: grid, values: [5, 10]}")
+    if cfg.tune.metric != "accuracy" and cfg.tune.metric != "score":
+        raise UserError(f"tune.metric '{cfg.tune.metric}' is not reported by trials (use accuracy or score)")
+    check_inputs(cfg)
+    ensure_ray(cfg)
+    out = cfg.run_dir / TUNE_DIR
+    storage, name = out / "sweeps", f"{cfg.name}-tune"
+    with mlflow_run(cfg, "tune") as parent:
+        if not (cfg.run_dir / LM_DIR / "config.json").is_file():
+            pretrain_stage(cfg, parent)  # one stage-1 generator shared by every trial
+        scheduler = (
+            ASHAScheduler(time_attr="training_iteration", max_t=cfg.synthesize.n_datasets, grace_period=cfg.tune.grace_period)
+            if cfg.tune.scheduler == "asha"
+            else FIFOScheduler()
+        )
+        callbacks = []
+        if parent is not None:
+            callbacks.append(
+                MLflowLoggerCallback(tracking_uri=tracking_uri(cfg), experiment_name=experiment_name(cfg), tags={"mlflow.parentRunId": parent}, save_artifact=False)
+            )
+        trainable = tune.with_resources(tune.with_parameters(run_trial, base_dict=cfg.to_dict()), {"cpu": cfg.tune.cpus_per_trial})
+        path = storage / name
+        if resume and tune.Tuner.can_restore(str(path)):
+            tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            tuner = tune.Tuner(
+                trainable,
+                param_space=search_space(cfg.tune.space),
+                tune_config=tune.TuneConfig(
+                    metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler, num_samples=cfg.tune.num_samples,
+                    max_concurrent_trials=cfg.tune.max_concurrent_trials,
+                ),
+                run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=callbacks),
+            )
+        results = tuner.fit()
+        table = ranked_table(results.get_dataframe(), list(cfg.tune.space), cfg.tune.metric, cfg.tune.mode)
+        out.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out / "ranking.csv", index=False)
+        best = results.get_best_result(cfg.tune.metric, cfg.tune.mode)
+        best_cfg = trial_config(cfg, {k: best.config[k] for k in cfg.tune.space}, cfg.name)
+        (out / "best.yaml").write_text(best_cfg.to_yaml())
+        best_sets = out / "best-distilled"
+        shutil.rmtree(best_sets, ignore_errors=True)
+        shutil.copytree(Path(best.metrics["run_dir"]) / "distilled" / "dilm", best_sets)
+        log_artifacts(parent, [out / "ranking.csv", out / "best.yaml"], "tune")
+        log_artifacts(parent, [best_sets], "tune/best-distilled")
+        if parent is not None:
+            import mlflow
+
+            mlflow.log_metric(f"best_{cfg.tune.metric}", float(best.metrics[cfg.tune.metric]))
+    ray.shutdown()
+    return to_markdown(table, cfg.tune.metric) + f"\n\nbest config: {out / 'best.yaml'}\nbest distilled sets: {best_sets}"
+
+
+def ranked_table(df: pd.DataFrame, keys: list[str], metric: str, mode: str) -> pd.DataFrame:
+    cols = {f"config/{k}": k for k in keys}
+    table = df[["trial_id", metric, "sets_evaluated", *cols]].rename(columns=cols)
+    return table.sort_values(metric, ascending=mode == "min").reset_index(drop=True)
+
+
+def to_markdown(table: pd.DataFrame, metric: str) -> str:
+    header = "| rank | trial | " + " | ".join(c for c in table.columns if c not in ("trial_id",)) + " |"
+    lines = [header, "|" + "---|" * (len(table.columns) + 1)]
+    for rank, row in enumerate(table.itertuples(index=False), 1):
+        values = [f"{v:.4f}" if isinstance(v, float) else str(v) for k, v in zip(table.columns, row) if k != "trial_id"]
+        lines.append(f"| {rank} | {row.trial_id} | " + " | ".join(values) + " |")
+    return "\n".join(lines)

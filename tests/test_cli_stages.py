@@ -1,0 +1,54 @@
+"""Each CLI stage on tiny models and toy data, in order, as a user would chain them
+(stages 1-2 on Ray Train, evaluation on Ray tasks)."""
+
+import mlflow
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from dilm_ray.cli import main
+
+
+def _invoke(args):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+@pytest.mark.integration
+def test_stages_chain_through_the_cli(tiny_overrides, tmp_path):
+    cfg = ["configs/sst2-cpu.yaml", *tiny_overrides]
+    assert "LM-only generator saved to" in _invoke(["pretrain", *cfg])
+    assert "DiLM generator saved to" in _invoke(["distill", *cfg])
+    assert "dpc=2: 2 sets under" in _invoke(["synthesize", *cfg])
+    _invoke(["synthesize", *cfg, "--generator", "lm_only"])
+    _invoke(["coreset", *cfg, "--method", "random", "--method", "herding"])
+    out = _invoke(["evaluate", *cfg])
+    for method in ("dilm", "lm_only", "random", "herding"):
+        assert f"| {method} |" in out
+    runs = pd.read_csv(tmp_path / "runs" / "t" / "results" / "runs.csv")
+    assert len(runs) == 4 * 2  # 4 methods x (2 sets x 1 seed); herding's single set is run twice
+    single = tmp_path / "runs" / "t" / "distilled" / "dilm" / "dpc2" / "set0" / "train.jsonl"
+    assert "| train |" in _invoke(["evaluate", *cfg, "--data", str(single)])
+
+
+def test_distill_without_pretraining_is_a_user_error(tiny_overrides):
+    result = CliRunner().invoke(main, ["distill", "configs/sst2-cpu.yaml", *tiny_overrides, "name=fresh"])
+    assert result.exit_code == 2 and "does not hold a generator checkpoint: run the earlier stage first" in result.output
+
+
+@pytest.mark.integration
+def test_mlflow_records_config_metrics_and_artifacts(tiny_overrides, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["pretrain", "configs/sst2-cpu.yaml", *tiny_overrides, "tracking.enabled=true", f"tracking.uri={uri}", "pretrain.log_every=1"]
+    _invoke(args)
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["dilm-sst2"])
+    assert len(runs) == 1
+    run = runs.iloc[0]
+    assert run["tags.mlflow.runName"] == "t-pretrain" and run["status"] == "FINISHED"
+    assert run["params.distill.inner_loop"] == "2" and run["params.generator.max_length"] == "12"
+    history = mlflow.MlflowClient().get_metric_history(run["run_id"], "pretrain.lm_loss")
+    assert [m.step for m in history] == [1, 2, 3]
+    config_yaml = mlflow.artifacts.load_text(f"runs:/{run['run_id']}/config.yaml")
+    assert "inner_loop: 2" in config_yaml

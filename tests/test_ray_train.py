@@ -1,0 +1,70 @@
+"""Stages 1-2 on a local Ray with 2 CPUs: 2 workers, and recovery after a worker is killed."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from dilm_ray.config import load_config
+from dilm_ray.train.state import TrainState
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def ray_2_cpus(tmp_path_factory):
+    import ray
+
+    tmp = tmp_path_factory.mktemp("ray")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.1"
+    ray.init(num_cpus=2, _temp_dir=str(tmp), include_dashboard=True, logging_level="ERROR",
+             runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_OFFLINE": "1"}})
+    yield
+    ray.shutdown()
+
+
+def test_two_workers_pretrain_then_distill(ray_2_cpus, tiny_overrides):
+    from dilm_ray.train.ray_train import fit_stage
+
+    cfg = load_config("configs/sst2-cpu.yaml", tiny_overrides + ["ray.num_workers=2", "ray.cpus_per_worker=0.9", "pretrain.checkpoint_every=2"])
+    lm = fit_stage(cfg, "pretrain")
+    assert (lm / "config.json").is_file() and TrainState.load(lm / "train_state.pt").step == 3
+    dilm = fit_stage(cfg, "distill")
+    state = TrainState.load(dilm / "train_state.pt")
+    assert state.step == cfg.distill.steps and "resumed_from" not in state.extra
+
+
+def _worker_pids():
+    from ray.util.state import list_actors
+
+    return [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+
+
+def test_killed_worker_resumes_from_its_latest_checkpoint(ray_2_cpus, tiny_overrides):
+    from dilm_ray.train.ray_train import fit_stage, storage_root
+
+    steps = 300
+    cfg = load_config(
+        "configs/sst2-cpu.yaml",
+        tiny_overrides + [f"pretrain.steps={steps}", "pretrain.log_every=1", "pretrain.checkpoint_every=20", "ray.max_failures=1", "name=kill"],
+    )
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(path=fit_stage(cfg, "pretrain")))
+    thread.start()
+    run_dir = storage_root(cfg) / "kill-pretrain"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(run_dir.glob("checkpoint_*")):
+        time.sleep(0.2)
+    assert list(run_dir.glob("checkpoint_*")), "no checkpoint appeared"
+    pids = _worker_pids()
+    assert pids
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=240)
+    assert not thread.is_alive() and "path" in result
+    state = TrainState.load(result["path"] / "train_state.pt")
+    assert state.step == steps
+    assert state.extra["resumed_from"] and 0 < state.extra["resumed_from"][0] < steps

@@ -1,0 +1,38 @@
+"""A Tune sweep of 4 tiny trials with ASHA on a local Ray, recorded in MLflow."""
+
+import os
+
+import mlflow
+import pytest
+from click.testing import CliRunner
+
+from dilm_ray.cli import main
+
+pytestmark = pytest.mark.integration
+
+
+def test_sweep_of_four_trials_with_asha_lands_in_mlflow(tiny_overrides, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [
+        "tune", "configs/sst2-cpu.yaml", *tiny_overrides,
+        "tracking.enabled=true", f"tracking.uri={uri}", "name=sweep",
+        "tune.space={distill.inner_loop: {type: grid, values: [1, 2]}, distill.gm_syn_dpc: {type: grid, values: [1, 2]}}",
+        "distill.steps=2", "tune.scheduler=asha", "tune.grace_period=1", "synthesize.n_datasets=2",
+        "evaluate.parallel=false", "ray.cpus_per_worker=0.9",
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert result.output.count("| trial_") == 0 and "best config:" in result.output
+    ranking = [line for line in result.output.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(ranking) == 4
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["dilm-sst2"])
+    parent = runs[runs["tags.mlflow.runName"] == "sweep-tune"]
+    assert len(parent) == 1 and parent.iloc[0]["status"] == "FINISHED"
+    children = runs[runs["tags.mlflow.parentRunId"] == parent.iloc[0]["run_id"]]
+    assert len(children) == 4 and set(children["status"]) == {"FINISHED"}
+    assert set(children["params.distill.inner_loop"]) == {"1", "2"}
+    assert children["metrics.accuracy"].between(0, 1).all()
+    assert (tmp_path / "runs" / "sweep" / "tune" / "best.yaml").is_file()
+    assert list((tmp_path / "runs" / "sweep" / "tune" / "best-distilled").glob("dpc2/set*/train.parquet"))
