@@ -11,6 +11,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One auth mode for every local Ray the tests start in this process (token auth is cached per process).
+os.environ["RAY_AUTH_MODE"] = "disabled"
 
 NEG = "bad awful boring dull terrible sad poor weak ugly slow".split()
 POS = "good great fun bright superb happy rich strong pretty fast".split()
@@ -133,3 +135,12 @@ def tiny_overrides(tiny_lm_dir, tiny_bert_dir, toy_data_dir, tmp_path) -> list[s
         "evaluate.n_evals_per_dataset=1",
         "threads=1",
     ]
+
+
+@pytest.fixture(scope="module")
+def shutdown_ray_after():
+    """For modules whose commands start an embedded Ray: stop it when the module is done."""
+    yield
+    import ray
+
+    ray.shutdown()

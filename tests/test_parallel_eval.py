@@ -1,6 +1,7 @@
 """Ray-task evaluation gives the same table as the sequential loop with the same seeds."""
 
 import os
+import tempfile
 
 import pandas as pd
 import pytest
@@ -16,8 +17,9 @@ pytestmark = pytest.mark.integration
 def ray_2_cpus(tmp_path_factory):
     import ray
 
+    ray.shutdown()  # a CLI test may have left its embedded Ray running
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, _temp_dir=str(tmp_path_factory.mktemp("ray")), include_dashboard=False, logging_level="ERROR")
+    ray.init(num_cpus=2, _temp_dir=tempfile.mkdtemp(prefix="r", dir="/tmp"), include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()
 

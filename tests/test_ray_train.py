@@ -2,6 +2,7 @@
 
 import os
 import signal
+import tempfile
 import threading
 import time
 
@@ -17,7 +18,8 @@ pytestmark = pytest.mark.integration
 def ray_2_cpus(tmp_path_factory):
     import ray
 
-    tmp = tmp_path_factory.mktemp("ray")
+    ray.shutdown()  # a CLI test may have left its embedded Ray running
+    tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.1"
     ray.init(num_cpus=2, _temp_dir=str(tmp), include_dashboard=True, logging_level="ERROR",
@@ -68,3 +70,4 @@ def test_killed_worker_resumes_from_its_latest_checkpoint(ray_2_cpus, tiny_overr
     state = TrainState.load(result["path"] / "train_state.pt")
     assert state.step == steps
     assert state.extra["resumed_from"] and 0 < state.extra["resumed_from"][0] < steps
+

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from dilm_ray.cli import main
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("shutdown_ray_after")]
 
 
 def test_sweep_of_four_trials_with_asha_lands_in_mlflow(tiny_overrides, tmp_path, monkeypatch):
