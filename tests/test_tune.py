@@ -1,6 +1,5 @@
 """A Tune sweep of 4 tiny trials with ASHA on a local Ray, recorded in MLflow."""
 
-import os
 
 import mlflow
 import pytest
