@@ -61,30 +61,33 @@ def validate(cfg: Config) -> None:
         click.echo(f"# {split}: {len(part)} rows ({counts})")
 
 
+def _train_stage(cfg: Config, stage: str, resume: bool) -> None:
+    from dilm_ray.pipeline import check_inputs, distill_stage, pretrain_stage
+    from dilm_ray.tracking.mlflow_store import mlflow_run
+
+    check_inputs(cfg)
+    fit, label = (pretrain_stage, "LM-only") if stage == "pretrain" else (distill_stage, "DiLM")
+    with mlflow_run(cfg, stage) as run_id:
+        click.echo(f"{label} generator saved to {fit(cfg, run_id, resume)}")
+
+
+RESUME = click.option("--resume", is_flag=True, help="continue the run with the same name from its latest checkpoint")
+
+
 @main.command()
-@click.option("--resume", is_flag=True, help="continue the run with the same name from its latest checkpoint")
+@RESUME
 @_command
 def pretrain(cfg: Config, resume: bool) -> None:
     """Stage 1: fine-tune the generator as a label-conditioned LM (Ray Train)."""
-    from dilm_ray.pipeline import check_inputs, pretrain_stage
-    from dilm_ray.tracking.mlflow_store import mlflow_run
-
-    check_inputs(cfg)
-    with mlflow_run(cfg, "pretrain") as run_id:
-        click.echo(f"LM-only generator saved to {pretrain_stage(cfg, run_id, resume)}")
+    _train_stage(cfg, "pretrain", resume)
 
 
 @main.command()
-@click.option("--resume", is_flag=True, help="continue the run with the same name from its latest checkpoint")
+@RESUME
 @_command
 def distill(cfg: Config, resume: bool) -> None:
     """Stage 2: gradient matching on the pre-trained generator (Ray Train)."""
-    from dilm_ray.pipeline import check_inputs, distill_stage
-    from dilm_ray.tracking.mlflow_store import mlflow_run
-
-    check_inputs(cfg)
-    with mlflow_run(cfg, "distill") as run_id:
-        click.echo(f"DiLM generator saved to {distill_stage(cfg, run_id, resume)}")
+    _train_stage(cfg, "distill", resume)
 
 
 @main.command()
@@ -135,7 +138,7 @@ def evaluate(cfg: Config, learners: tuple[str, ...], data_path: str | None) -> N
     from dilm_ray.evaluation.runner import evaluate_groups, results_table, to_markdown, write_results
     from dilm_ray.data import load_file
     from dilm_ray.pipeline import discover_sets, load_data
-    from dilm_ray.tracking.mlflow_store import log_artifacts, mlflow_run
+    from dilm_ray.tracking.mlflow_store import log_artifacts, log_evaluation_runs, mlflow_run
 
     data = load_data(cfg)
     source = Path(data_path) if data_path else cfg.run_dir / "distilled"
@@ -150,6 +153,7 @@ def evaluate(cfg: Config, learners: tuple[str, ...], data_path: str | None) -> N
         runs = evaluate_groups(cfg, data.task, data.validation, groups, list(learners) or None)
         table = results_table(runs)
         log_artifacts(run_id, write_results(runs, table, cfg.run_dir / "results"), "results")
+        log_evaluation_runs(run_id, runs)
     click.echo(to_markdown(table))
 
 

@@ -9,6 +9,9 @@ Layout of a run folder:
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,11 +127,27 @@ def preview(data: TextSet, task: TaskSpec, title: str, per_label: int = 5) -> st
     return "\n".join(lines)
 
 
-def coreset_stage(cfg: Config, data: TaskData, methods: tuple[str, ...] = CORESETS, embeddings: torch.Tensor | None = None) -> dict[str, dict[int, list[Path]]]:
-    """Random sets differ per index; K-centers varies its start point; herding is deterministic (one set)."""
-    if embeddings is None:
-        learner = build_learner(cfg.learner, data.task.num_labels, cfg.seed)
-        embeddings = learner.embed(data.train, progress=True)
+def train_embeddings(cfg: Config, train: TextSet, learner) -> torch.Tensor:
+    """The learner's embeddings of the train rows, cached in the run folder: stage 2's teacher
+    sets and the coresets use the same ones (the learner body is pretrained, so the seed does
+    not change them). The key covers everything they depend on."""
+    key = hashlib.sha1(json.dumps([cfg.learner.model_dump(mode="json"), cfg.data.model_dump(mode="json")], sort_keys=True).encode()).hexdigest()[:12]
+    path = cfg.run_dir / "cache" / f"train-embeddings-{key}.pt"
+    if path.is_file():
+        return torch.load(path)
+    embeddings = learner.embed(train, progress=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # workers may race: the last rename wins, all equal
+    torch.save(embeddings, tmp)
+    tmp.replace(path)
+    return embeddings
+
+
+def coreset_stage(cfg: Config, data: TaskData, methods: tuple[str, ...] = CORESETS) -> dict[str, dict[int, list[Path]]]:
+    """Random and K-centers sets differ per index (seed); herding is deterministic (one set)."""
+    needs_embeddings = any(m != "random" for m in methods)
+    learner = build_learner(cfg.learner, data.task.num_labels, cfg.seed) if needs_embeddings else None
+    embeddings = train_embeddings(cfg, data.train, learner) if learner else torch.zeros(len(data.train), 1)
     written: dict[str, dict[int, list[Path]]] = {}
     for method in methods:
         n_sets = 1 if method == "herding" else cfg.synthesize.n_datasets

@@ -24,9 +24,7 @@ def select_per_class(embeddings: torch.Tensor, labels: np.ndarray, dpc: int, met
         if method == "random":
             pick = random_subset(len(idx), k, seed + int(label))
         elif method == "k_centers":
-            # seed 0 starts from the point nearest the mean; other seeds from a random point
-            start = None if seed == 0 else int(random_subset(len(idx), 1, seed + int(label))[0])
-            pick = k_centers(embeddings[idx], k, start=start)
+            pick = k_centers(embeddings[idx], k, seed + int(label))
         elif method == "herding":
             pick = herding(embeddings[idx], k)
         else:

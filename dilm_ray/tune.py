@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dilm_ray.config import Config, SearchSpec, apply_override
+from dilm_ray.config import Config, SearchSpec, apply_override, flatten
 from dilm_ray.errors import UserError
 
 TUNE_DIR = "tune"
@@ -34,6 +34,17 @@ def search_space(space: dict[str, SearchSpec]) -> dict[str, Any]:
         return tune.uniform(spec.low, spec.high)
 
     return {key: one(spec) for key, spec in space.items()}
+
+
+# Keys each trial sets for itself (trial_config), and the sweep's own section.
+TRIAL_OWNED = ("name", "output_dir", "ray.storage_path", "tracking.enabled")
+
+
+def param_space(cfg: Config) -> dict[str, Any]:
+    """The search dimensions plus every other resolved config value as a constant, so that each
+    trial's MLflow run (params logged by ``MLflowLoggerCallback``) holds its whole config."""
+    constants = {k: v for k, v in flatten(cfg.to_dict()).items() if k not in cfg.tune.space and k not in TRIAL_OWNED and not k.startswith("tune.")}
+    return {**constants, **search_space(cfg.tune.space)}
 
 
 def trial_config(base: Config, params: dict[str, Any], trial_name: str) -> Config:
@@ -121,7 +132,7 @@ def run_sweep(cfg: Config, resume: bool = False) -> str:
             shutil.rmtree(path, ignore_errors=True)
             tuner = tune.Tuner(
                 trainable,
-                param_space=search_space(cfg.tune.space),
+                param_space=param_space(cfg),
                 tune_config=tune.TuneConfig(
                     metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler, num_samples=cfg.tune.num_samples,
                     max_concurrent_trials=cfg.tune.max_concurrent_trials,

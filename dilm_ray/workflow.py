@@ -16,7 +16,7 @@ from dilm_ray.pipeline import (
     synthesize_stage,
 )
 from dilm_ray.synthesis import CORESETS
-from dilm_ray.tracking.mlflow_store import log_artifacts, mlflow_run
+from dilm_ray.tracking.mlflow_store import log_artifacts, log_evaluation_runs, mlflow_run
 
 
 CURVES = ("pretrain.lm_loss", "distill.grad_sim", "distill.match_loss", "distill.syn_lm_loss")
@@ -55,6 +55,7 @@ def run_pipeline(cfg: Config) -> str:
             runs = evaluate_groups(cfg, data.task, data.validation, groups)
             table = results_table(runs)
             paths = write_results(runs, table, cfg.run_dir / "results")
+            log_evaluation_runs(run_id, runs)
         timing = "\n".join(f"- {stage}: {sec:.0f} s" for stage, sec in timer.seconds.items())
         (cfg.run_dir / "results" / "timing.md").write_text(timing + "\n")
         log_artifacts(run_id, paths + [cfg.run_dir / "results" / "timing.md"], "results")

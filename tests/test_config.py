@@ -7,10 +7,10 @@ from dilm_ray.cli import main
 from dilm_ray.config import Config, load_config, parse_override
 from dilm_ray.errors import UserError
 
-CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
+CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").glob("**/*.yaml"))
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
     cfg = load_config(path)
     again = tmp_path / "again.yaml"

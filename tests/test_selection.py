@@ -25,11 +25,11 @@ def test_nearest_to_centers_picks_distinct_points():
     assert sorted(idx.tolist()) == [1, 2]
 
 
-def test_k_centers_covers_the_extremes():
-    x = torch.tensor([[float(i)] for i in range(11)])  # 0..10 on a line
-    picked = k_centers(x, 3).tolist()
-    assert picked[0] == 5  # nearest the mean
-    assert set(picked[1:]) == {0, 10}
+def test_k_centers_picks_the_middle_of_each_cluster_not_its_edges():
+    # three tight clusters on a line; farthest-first would pick the edges (0.0, 20.4)
+    x = torch.tensor([[c + o] for c in (0.0, 10.0, 20.0) for o in (0.0, 0.1, 0.2, 0.3, 0.4)])
+    for seed in range(5):
+        assert sorted(k_centers(x, 3, seed).tolist()) == [2, 7, 12]
 
 
 def test_herding_tracks_the_mean():

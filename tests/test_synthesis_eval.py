@@ -83,3 +83,20 @@ def test_evaluate_groups_table(tiny_bert_dir, data, tiny_overrides):
     table = results_table(runs)
     assert len(table) == 4 and (table.runs == 2).all()
     assert "p_vs_dilm" in table.columns
+
+
+def test_train_embeddings_are_cached_per_learner_and_data(tiny_overrides, data):
+    from dilm_ray.pipeline import train_embeddings
+
+    train, _ = data
+    cfg = load_config("configs/sst2-cpu.yaml", tiny_overrides)
+    learner = build_learner(cfg.learner, 2, seed=0)
+    calls = []
+    embed = learner.embed
+    learner.embed = lambda *a, **k: calls.append(1) or embed(*a, **k)
+    first = train_embeddings(cfg, train, learner)
+    again = train_embeddings(cfg, train, learner)
+    assert len(calls) == 1 and torch.equal(first, again) and first.shape[0] == len(train)
+    other = load_config("configs/sst2-cpu.yaml", [*tiny_overrides, "learner.max_length=8"])
+    train_embeddings(other, train, learner)  # another learner setting: another cache entry
+    assert len(calls) == 2

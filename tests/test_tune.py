@@ -32,6 +32,8 @@ def test_sweep_of_four_trials_with_asha_lands_in_mlflow(tiny_overrides, tmp_path
     children = runs[runs["tags.mlflow.parentRunId"] == parent.iloc[0]["run_id"]]
     assert len(children) == 4 and set(children["status"]) == {"FINISHED"}
     assert set(children["params.distill.inner_loop"]) == {"1", "2"}
+    # the rest of each trial's resolved config is there too, not only the searched keys
+    assert set(children["params.distill.steps"]) == {"2"} and set(children["params.generator.max_length"]) == {"12"}
     assert children["metrics.accuracy"].between(0, 1).all()
     assert (tmp_path / "runs" / "sweep" / "tune" / "best.yaml").is_file()
     assert list((tmp_path / "runs" / "sweep" / "tune" / "best-distilled").glob("dpc2/set*/train.parquet"))

@@ -1,4 +1,4 @@
-"""Picking representative points from embeddings: K-means, K-centers, herding, random."""
+"""Picking representative points from embeddings: K-means, K-centers (K-means medoids), herding, random."""
 
 from __future__ import annotations
 
@@ -39,23 +39,15 @@ def nearest_to_centers(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     return torch.tensor(chosen, dtype=torch.long)
 
 
-def k_centers(x: torch.Tensor, k: int, start: int | None = None) -> torch.Tensor:
-    """Greedy farthest-first traversal: k indices covering the set with the smallest radius.
-
-    Starts from ``start`` or, by default, the point nearest the mean.
-    """
+def k_centers(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """K-centers as DiLM's reference code defines it: the point nearest each of ``k`` K-means
+    centroids. Representative points, unlike the greedy farthest-first traversal, which picks
+    outliers (one-word fragments, in text embeddings)."""
     n = x.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k_centers needs 1 <= k <= n, got k={k}, n={n}")
-    x = x.float()
-    first = int(torch.cdist(x.mean(0, keepdim=True), x).argmin()) if start is None else start
-    chosen = [first]
-    dist = torch.cdist(x, x[first : first + 1]).squeeze(1)
-    for _ in range(1, k):
-        nxt = int(dist.argmax())
-        chosen.append(nxt)
-        dist = torch.minimum(dist, torch.cdist(x, x[nxt : nxt + 1]).squeeze(1))
-    return torch.tensor(chosen, dtype=torch.long)
+    centers, _ = kmeans(x, k, seed)
+    return nearest_to_centers(x, centers)
 
 
 def herding(x: torch.Tensor, k: int) -> torch.Tensor:

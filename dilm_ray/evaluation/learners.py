@@ -33,8 +33,6 @@ TFIDF = "tfidf-logreg"
 SCRATCH_TOKENIZER = "minilm-l6"
 # Architecture of the from-scratch learner: small enough to train in seconds on CPU.
 SCRATCH_SHAPE = dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=256, max_position_embeddings=512)
-# None: the evaluate lr (cfg.evaluate.lr), as for every other neural learner. Not tuned on validation data.
-SCRATCH_LR: float | None = None
 PAIR_SEPARATOR = " [SEP] "
 
 FAMILIES = ("encoder", "decoder", SCRATCH, TFIDF, "hub/local")
@@ -168,7 +166,7 @@ def evaluate_learner(
     """Train learner ``name`` on ``train`` with ``seed`` and score it on ``validation``.
 
     Returns ``scores(...)`` (accuracy, score, and f1 for accuracy_f1 tasks) plus "seconds", the
-    time to train and predict (model loading excluded, as in ``runner.evaluate_one``). Neural
+    time to train and predict (model loading excluded). Neural
     learners follow ``cfg.evaluate`` (``train_learner`` resets them to ``seed`` first), so a
     learner taken from ``cache`` gives the same scores as a freshly built one.
     """
@@ -177,11 +175,8 @@ def evaluate_learner(
         preds = tfidf_predict(train, validation, seed)
     else:
         learner = _cached(name, cfg, task, seed, cache)
-        evaluate = cfg.evaluate
-        if name == SCRATCH and SCRATCH_LR is not None:
-            evaluate = evaluate.model_copy(update={"lr": SCRATCH_LR})
         start = time.perf_counter()
-        train_learner(learner, train, evaluate, seed)
+        train_learner(learner, train, cfg.evaluate, seed)
         preds = predict(learner, validation, cfg.evaluate.eval_batch_size)
     out = scores(preds, validation.labels, task.metric)
     out["seconds"] = time.perf_counter() - start

@@ -14,8 +14,14 @@ _CACHE: dict[str, Any] = {}  # per Ray worker process: models built once, reset 
 
 
 def _remote_run(cfg_dict: dict, task: TaskSpec, validation: TextSet, train: TextSet, run) -> dict:
+    import ray
+
     from dilm_ray.evaluation.runner import run_one
 
+    # As many torch threads as CPUs the task holds: config.threads would oversubscribe the node
+    # when several tasks run side by side.
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    cfg_dict = {**cfg_dict, "threads": max(1, int(cpus))}
     return run_one(Config.model_validate(cfg_dict), task, validation, train, run, _CACHE)
 
 

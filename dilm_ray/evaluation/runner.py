@@ -49,6 +49,11 @@ def evaluate_groups(cfg: Config, task: TaskSpec, validation: TextSet, groups: di
     """One row per run (learner, method, dpc, set, seed, scores, seconds)."""
     learners = learners or cfg.evaluate.learners or [cfg.learner.model]
     plan = run_plan(groups, cfg.synthesize.n_datasets * cfg.evaluate.n_evals_per_dataset, cfg.seed, learners)
+    return evaluate_plan(cfg, task, validation, groups, plan, parallel)
+
+
+def evaluate_plan(cfg: Config, task: TaskSpec, validation: TextSet, groups: dict[Group, list[TextSet]], plan: list[Run], parallel: bool | None = None) -> pd.DataFrame:
+    """The runs of ``plan``, as Ray tasks (``cfg.evaluate.parallel``) or one after another."""
     if cfg.evaluate.parallel if parallel is None else parallel:
         from dilm_ray.evaluation.parallel import run_parallel
 

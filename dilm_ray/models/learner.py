@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -80,13 +81,15 @@ class Learner:
 
         was_training = self.model.training
         self.model.eval()
-        chunks = []
+        out = torch.zeros(len(data), self.model.head.in_features)
+        # batches of similar length: little compute goes to padding
+        order = np.argsort([sum(len(t) for t in texts) for texts in data.texts], kind="stable")
         starts = range(0, len(data), self.embed_batch_size)
         for start in tqdm(starts, desc="embed", disable=not progress, leave=False):
-            part = data.select(range(start, min(start + self.embed_batch_size, len(data))))
-            chunks.append(self.model.features(**self.batch(part)).float().cpu())
+            idx = order[start : start + self.embed_batch_size]
+            out[torch.as_tensor(idx)] = self.model.features(**self.batch(data.select(idx))).float().cpu()
         self.model.train(was_training)
-        return torch.cat(chunks) if chunks else torch.zeros(0, self.model.head.in_features)
+        return out
 
 
 def default_pooling(config) -> str:

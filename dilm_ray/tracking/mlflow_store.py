@@ -55,3 +55,29 @@ def log_artifacts(run_id: str | None, paths: list[Path], artifact_path: str | No
             client.log_artifacts(run_id, str(p), artifact_path)
         elif p.exists():
             client.log_artifact(run_id, str(p), artifact_path)
+
+
+EVAL_PARAMS = ("learner", "family", "method", "dpc", "set_index", "seed")
+EVAL_METRICS = ("accuracy", "f1", "score", "seconds")
+
+
+def log_evaluation_runs(parent_id: str | None, runs) -> None:
+    """One child run of ``parent_id`` per evaluation run (a learner trained on one distilled set
+    with one seed): its identity as params, its scores as metrics."""
+    if parent_id is None:
+        return
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    now = int(time.time() * 1000)
+    for row in runs.to_dict("records"):
+        name = f"eval-{Path(str(row['learner'])).name}-{row['method']}-dpc{row['dpc']}-set{row['set_index']}-seed{row['seed']}"
+        child = client.create_run(experiment_id, run_name=name, tags={"mlflow.parentRunId": parent_id, "command": "evaluate-run"})
+        params = [Param(k, str(row[k])) for k in EVAL_PARAMS if k in row]
+        metrics = [Metric(k, float(row[k]), now, 0) for k in EVAL_METRICS if k in row and row[k] == row[k]]
+        client.log_batch(child.info.run_id, metrics=metrics, params=params)
+        client.set_terminated(child.info.run_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import numpy as np
@@ -103,13 +104,18 @@ def distill(
     bar = tqdm(range(first, outer_loops), desc="distill", disable=not runtime.is_main, initial=first, total=outer_loops)
     history: list[dict[str, float]] = []
     for ol in bar:
+        # seconds spent per phase since step 0, kept across resumes: where stage 2's time goes
+        seconds = state.extra.setdefault("seconds", {"seconds_generate": 0.0, "seconds_match": 0.0, "seconds_inner_loop": 0.0})
+        start = time.perf_counter()
         if pool is None or (ol - first) % cfg.generate_interval == 0:
             pool, syn_batches, dropped = _synthetic_pool(gen, learner, cfg, gen_cfg, torch_rng, seed + ol)
             history.append({"dropped_samples": float(dropped)})
+        seconds["seconds_generate"] += time.perf_counter() - start
         learner.reset(seed + ol)
         torch.manual_seed(seed + ol)  # dropout in the inner loop
         learner_opt = torch.optim.AdamW(learner.model.parameters(), lr=cfg.learner_lr)
         for inner in range(cfg.inner_loop):
+            start = time.perf_counter()
             real = [train.select(np.concatenate([real_batches[y].next() for _ in range(cfg.gm_real_accum)])) for y in range(num_labels)]
             syn = TextSet.concat([pool.select(syn_batches[y].pop()) for y in range(num_labels)])
             metrics = _matching_step(gen, learner, real, syn, cfg, train, lm_batches)
@@ -119,11 +125,14 @@ def distill(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             history.append(metrics)
+            seconds["seconds_match"] += time.perf_counter() - start
             if inner + 1 < cfg.inner_loop:
+                start = time.perf_counter()
                 _train_learner(learner, learner_opt, train, learner_batches, cfg.learner_steps)
+                seconds["seconds_inner_loop"] += time.perf_counter() - start
         state.step = (ol + 1) * cfg.inner_loop
         state.rng = rng.bit_generator.state
-        summary = _average(history)
+        summary = {**_average(history), **seconds}
         summary["lr"] = scheduler.get_last_lr()[0]
         summary = {k: runtime.mean(v) for k, v in summary.items()}
         if state.step % cfg.log_every == 0 or ol + 1 == outer_loops:

@@ -23,7 +23,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     from dilm_ray.models.generator import build_generator
-    from dilm_ray.pipeline import LM_DIR, generator_source, load_data, setup_torch
+    from dilm_ray.pipeline import LM_DIR, generator_source, load_data, setup_torch, train_embeddings
     from dilm_ray.tracking.loggers import ConsoleLogger, MLflowLogger, MultiLogger
     from dilm_ray.train.runtime import Runtime
     from dilm_ray.train.state import TrainState
@@ -74,7 +74,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
         learner = build_learner(cfg.learner, data.task.num_labels, cfg.seed + runtime.rank)
         learner.model.to(runtime.device)
-        distill(gen, learner, data.train, cfg.distill, cfg.generator, cfg.seed, runtime, logger, state, on_step)
+        embeddings = train_embeddings(cfg, data.train, learner)
+        distill(gen, learner, data.train, cfg.distill, cfg.generator, cfg.seed, runtime, logger, state, on_step, embeddings)
     shutil.rmtree(local, ignore_errors=True)
 
 

@@ -1,0 +1,179 @@
+"""DiLM against the coresets on real GLUE data, at a scale picked by ``--budget``.
+
+Runs stage 1 and 2 (Ray Train), synthesis (DiLM and LM-only), the coresets (random, K-centers,
+herding) and the paper's evaluation protocol, then writes under ``<run_dir>/bench/``:
+``runs.csv`` (one row per training run), ``table.csv``/``table.md`` (mean, std, runs, Welch
+p-values vs K-centers and random), ``timing.json`` (wall time per stage) and an MLflow run.
+
+It resumes: a stage whose outputs exist is skipped, stage 1-2 continue from their latest Ray
+checkpoint, and evaluation runs already in ``runs.csv`` are not repeated. Rerun the same
+command after an interruption.
+
+    python benchmarks/glue.py configs/bench/sst2.yaml --budget cpu
+    python benchmarks/glue.py configs/bench/sst2.yaml --budget cpu --dpc 10 --method dilm --method k_centers --learner all
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+import pandas as pd
+
+from dilm_ray.config import Config, load_config
+from dilm_ray.errors import UserError
+
+# Scale of the distilled-set evaluation (and, for smoke, of the stages): sets per cell x seeds per set.
+BUDGETS = {
+    "smoke": ["pretrain.steps=4", "distill.steps=2", "distill.inner_loop=2", "synthesize.dpc=[5]", "synthesize.n_datasets=2",
+              "evaluate.n_evals_per_dataset=1", "evaluate.steps=20"],
+    "cpu": ["synthesize.n_datasets=10", "evaluate.n_evals_per_dataset=3"],
+    "paper": ["synthesize.n_datasets=20", "evaluate.n_evals_per_dataset=5"],
+}
+ALL_LEARNERS = ("minilm-l6", "smollm2-135m", "scratch-transformer", "tfidf-logreg")
+KEY = ["learner", "method", "dpc", "set_index", "seed"]
+
+
+class Stages:
+    """Wall time per stage, summed over resumed invocations and kept in ``timing.json``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seconds: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+
+    def run(self, name: str, done: bool, fn) -> None:
+        if done:
+            click.echo(f"[{name}] done earlier ({self.seconds.get(name, 0.0):.0f} s), skipped")
+            return
+        click.echo(f"[{name}] ...")
+        start = time.perf_counter()
+        fn()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        self.path.write_text(json.dumps(self.seconds, indent=1))
+
+
+def _sets_exist(cfg: Config, methods: list[str]) -> bool:
+    from dilm_ray.pipeline import set_dir
+
+    return all(
+        (set_dir(cfg, m, dpc, i) / "train.parquet").is_file()
+        for m in methods
+        for dpc in cfg.synthesize.dpc
+        for i in range(1 if m == "herding" else cfg.synthesize.n_datasets)
+    )
+
+
+def run_stages(cfg: Config, stages: Stages, data) -> None:
+    from dilm_ray.pipeline import coreset_stage, synthesize_stage
+    from dilm_ray.train.ray_train import fit_stage
+
+    run_dir = cfg.run_dir
+    stages.run("pretrain", (run_dir / "generator-lm" / "config.json").is_file(), lambda: fit_stage(cfg, "pretrain", resume=True))
+    stages.run("distill", (run_dir / "generator-dilm" / "config.json").is_file(), lambda: fit_stage(cfg, "distill", resume=True))
+    stages.run("synthesize_dilm", _sets_exist(cfg, ["dilm"]), lambda: synthesize_stage(cfg, data, "dilm"))
+    stages.run("synthesize_lm_only", _sets_exist(cfg, ["lm_only"]), lambda: synthesize_stage(cfg, data, "lm_only"))
+    methods = ("random", "k_centers", "herding")
+    stages.run("coreset", _sets_exist(cfg, list(methods)), lambda: coreset_stage(cfg, data, methods))
+
+
+def evaluate_remaining(cfg: Config, data, methods: list[str], dpcs: list[int], learners: list[str], out: Path, chunk: int) -> pd.DataFrame:
+    """Run the plan's runs that ``runs.csv`` does not hold yet, appending as chunks finish."""
+    from dilm_ray.data import load_file
+    from dilm_ray.evaluation.runner import evaluate_plan, run_plan
+    from dilm_ray.pipeline import discover_sets
+
+    found = discover_sets(cfg.run_dir / "distilled")
+    groups = {}
+    for (method, dpc), paths in found.items():
+        if method in methods and dpc in dpcs:
+            groups[(method, dpc)] = [load_file(p, data.task) for p in paths[: cfg.synthesize.n_datasets]]
+    missing = [(m, d) for m in methods for d in dpcs if (m, d) not in groups]
+    if missing:
+        raise UserError(f"no distilled sets for {missing} under {cfg.run_dir / 'distilled'}")
+    plan = run_plan(groups, cfg.synthesize.n_datasets * cfg.evaluate.n_evals_per_dataset, cfg.seed, learners)
+    path = out / "runs.csv"
+    done = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=KEY)
+    seen = set(map(tuple, done[KEY].astype(str).to_numpy()))
+    todo = [r for r in plan if tuple(map(str, (r.learner, r.method, r.dpc, r.set_index, r.seed))) not in seen]
+    click.echo(f"[evaluate] {len(plan) - len(todo)} of {len(plan)} runs done earlier")
+    for start in range(0, len(todo), chunk):
+        rows = evaluate_plan(cfg, data.task, data.validation, groups, todo[start : start + chunk])
+        done = pd.concat([done, rows], ignore_index=True) if len(done) else rows
+        done.to_csv(path, index=False)
+    wanted = {tuple(map(str, (r.learner, r.method, r.dpc, r.set_index, r.seed))) for r in plan}
+    return done[[tuple(map(str, k)) in wanted for k in done[KEY].to_numpy()]]
+
+
+def markdown(runs: pd.DataFrame, seconds: dict[str, float], command: str) -> str:
+    from dilm_ray.evaluation.stats import summarize, welch_p
+
+    lines = [f"Produced by `{command}`", "", "| learner | DPC | method | accuracy (mean ± std, %) | runs | p vs k_centers | p vs random |",
+             "|---|---|---|---|---|---|---|"]
+    for (learner, dpc, method), part in runs.groupby(["learner", "dpc", "method"], sort=True):
+        s = summarize(part["score"].tolist())
+        cell = runs[(runs.learner == learner) & (runs.dpc == dpc)]
+        ps = []
+        for ref in ("k_centers", "random"):
+            other = cell.loc[cell.method == ref, "score"].tolist()
+            p = welch_p(part["score"].tolist(), other) if method != ref and other else float("nan")
+            ps.append("" if p != p else f"{p:.3g}")
+        lines.append(f"| {learner} | {dpc} | {method} | {100 * s['mean']:.1f} ± {100 * s['std']:.1f} | {s['runs']} | {ps[0]} | {ps[1]} |")
+    lines += ["", "| stage | wall time (min) |", "|---|---|"]
+    lines += [f"| {name} | {sec / 60:.1f} |" for name, sec in seconds.items()]
+    return "\n".join(lines) + "\n"
+
+
+@click.command()
+@click.argument("config")
+@click.argument("overrides", nargs=-1)
+@click.option("--budget", type=click.Choice(sorted(BUDGETS)), default="cpu", show_default=True)
+@click.option("--method", "methods", multiple=True, default=("dilm", "lm_only", "random", "k_centers", "herding"), show_default=True)
+@click.option("--dpc", "dpcs", multiple=True, type=int, help="evaluate these DPC only (default: synthesize.dpc)")
+@click.option("--learner", "learners", multiple=True, help="learner(s) to evaluate; 'all' for every platform learner")
+@click.option("--chunk", type=int, default=8, show_default=True, help="evaluation runs between saves of runs.csv")
+def main(config: str, overrides: tuple[str, ...], budget: str, methods, dpcs, learners, chunk: int) -> None:
+    import sys
+
+    from dilm_ray.evaluation.plots import accuracy_vs_dpc
+    from dilm_ray.evaluation.runner import results_table
+    from dilm_ray.pipeline import check_inputs, load_data, setup_torch
+    from dilm_ray.tracking.mlflow_store import log_artifacts, mlflow_run
+
+    try:
+        cfg = load_config(config, [*BUDGETS[budget], *overrides])
+        setup_torch(cfg)
+        check_inputs(cfg)
+        data = load_data(cfg)
+        learner_list = list(ALL_LEARNERS) if "all" in learners else (list(learners) or [cfg.learner.model])
+        tag = "-".join(["bench", budget, *([f"dpc{'_'.join(map(str, dpcs))}"] if dpcs else []), *(["all-learners"] if "all" in learners else [])])
+        out = cfg.run_dir / tag
+        out.mkdir(parents=True, exist_ok=True)
+        stages = Stages(cfg.run_dir / "timing.json")
+        with mlflow_run(cfg, tag) as run_id:
+            run_stages(cfg, stages, data)
+            start = time.perf_counter()
+            runs = evaluate_remaining(cfg, data, list(methods), list(dpcs) or cfg.synthesize.dpc, learner_list, out, chunk)
+            stages.seconds[f"evaluate ({tag})"] = stages.seconds.get(f"evaluate ({tag})", 0.0) + time.perf_counter() - start
+            stages.path.write_text(json.dumps(stages.seconds, indent=1))
+            table = results_table(runs, reference="dilm")
+            table.to_csv(out / "table.csv", index=False)
+            options = [f"--budget {budget}", *(f"--dpc {d}" for d in dpcs), *(f"--method {m}" for m in methods), *(f"--learner {x}" for x in learners)]
+            command = " ".join(["python benchmarks/glue.py", config, *overrides, *options])
+            (out / "table.md").write_text(markdown(runs, stages.seconds, command))
+            paths = [out / "runs.csv", out / "table.csv", out / "table.md", accuracy_vs_dpc(table, out / "accuracy_vs_dpc.png"), stages.path]
+            log_artifacts(run_id, paths, tag)
+            if run_id is not None:
+                import mlflow
+
+                mlflow.log_metrics({f"{r.method}.dpc{r.dpc}.{Path(r.learner).name}.mean": r.mean for r in table.itertuples()})
+                mlflow.log_metrics({f"seconds.{k.split(' ')[0]}": v for k, v in stages.seconds.items()})
+        click.echo((out / "table.md").read_text())
+    except UserError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

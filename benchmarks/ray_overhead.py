@@ -1,0 +1,112 @@
+"""What Ray costs and buys on this machine, measured on real data with the packaged models.
+
+1. Stage 1 on a 1-worker Ray Train ``TorchTrainer`` vs the same loop called in-process. Each is
+   timed at two step counts; the slope is the time per step, the intercept the fixed cost
+   (model loading, worker start-up, the final checkpoint). Both report metrics every step.
+2. Evaluation of the same plan (random DPC-``dpc`` subsets x seeds, MiniLM learner) run
+   sequentially in one process with ``threads`` torch threads vs as Ray tasks of
+   ``ray.cpus_per_eval_task`` CPUs each (one torch thread per CPU), Ray start-up included.
+
+    python benchmarks/ray_overhead.py configs/sst2-cpu.yaml --part train --part eval
+"""
+
+from __future__ import annotations
+
+import time
+
+import click
+import numpy as np
+import torch
+
+from dilm_ray.config import Config, load_config
+
+
+def _pretrain_in_process(cfg: Config) -> None:
+    from dilm_ray.models.generator import build_generator
+    from dilm_ray.pipeline import load_data, setup_torch
+    from dilm_ray.train.pretrain import pretrain
+
+    setup_torch(cfg)
+    data = load_data(cfg, need_validation=False)
+    gen = build_generator(cfg.generator, data.task, None)
+    pretrain(gen, data.train, cfg.pretrain, cfg.generator, cfg.seed)
+    gen.save(cfg.run_dir / "generator-plain")  # the Ray run ends with a checkpoint too
+
+
+def _pretrain_on_ray(cfg: Config) -> None:
+    from dilm_ray.train.ray_train import fit_stage
+
+    fit_stage(cfg, "pretrain")
+
+
+def _timed(fn, cfg: Config) -> float:
+    start = time.perf_counter()
+    fn(cfg)
+    return time.perf_counter() - start
+
+
+def bench_train(config: str, overrides: list[str], steps: tuple[int, int]) -> None:
+    from dilm_ray.ray_env import ensure_ray
+
+    base = [*overrides, "ray.num_workers=1", "pretrain.log_every=1", "name=bench-overhead"]
+    start = time.perf_counter()
+    ensure_ray(load_config(config, base))
+    init = time.perf_counter() - start
+    rows = []
+    for label, fn in (("in-process loop", _pretrain_in_process), ("Ray Train, 1 worker", _pretrain_on_ray)):
+        times = [_timed(fn, load_config(config, [*base, f"pretrain.steps={n}", f"pretrain.checkpoint_every={n}"])) for n in steps]
+        per_step = (times[1] - times[0]) / (steps[1] - steps[0])
+        rows.append((label, times, per_step, times[0] - per_step * steps[0]))
+    click.echo(f"\nstage 1, {steps[0]} and {steps[1]} steps (ray.init took {init:.1f} s, not counted below)\n")
+    click.echo(f"| path | wall at {steps[0]} steps (s) | wall at {steps[1]} steps (s) | s/step | fixed cost (s) |")
+    click.echo("|---|---|---|---|---|")
+    for label, times, per_step, fixed in rows:
+        click.echo(f"| {label} | {times[0]:.1f} | {times[1]:.1f} | {per_step:.2f} | {fixed:.1f} |")
+    ratio = rows[1][2] / rows[0][2]
+    click.echo(f"\nRay Train / in-process time per step: {ratio:.3f}; extra fixed cost {rows[1][3] - rows[0][3]:.1f} s")
+
+
+def bench_eval(config: str, overrides: list[str], n_sets: int, dpc: int) -> None:
+    from dilm_ray.evaluation.runner import evaluate_groups
+    from dilm_ray.pipeline import load_data
+    from dilm_ray.synthesis import coreset
+
+    cfg = load_config(config, [*overrides, f"synthesize.n_datasets={n_sets}", "evaluate.n_evals_per_dataset=1"])
+    data = load_data(cfg)
+    sets = [coreset(data.train, torch.zeros(len(data.train), 1), dpc, "random", cfg.seed + i) for i in range(n_sets)]
+    groups = {("random", dpc): sets}
+    results = {}
+    for parallel in (False, True):
+        start = time.perf_counter()
+        runs = evaluate_groups(cfg, data.task, data.validation, groups, parallel=parallel)
+        results[parallel] = (time.perf_counter() - start, runs)
+    (seq, seq_runs), (par, par_runs) = results[False], results[True]
+    click.echo(f"\nevaluation of {n_sets} random DPC-{dpc} sets, {cfg.evaluate.steps} steps each, learner {cfg.learner.model}\n")
+    click.echo("| path | wall (s) | s/run (median) | mean accuracy |")
+    click.echo("|---|---|---|---|")
+    for label, wall, runs in (
+        (f"sequential, {cfg.threads or torch.get_num_threads()} threads", seq, seq_runs),
+        (f"Ray tasks, {cfg.ray.cpus_per_eval_task:g} CPU each", par, par_runs),
+    ):
+        click.echo(f"| {label} | {wall:.1f} | {np.median(runs['seconds']):.1f} | {runs['accuracy'].mean():.4f} |")
+    click.echo(f"\nparallel / sequential wall time: {par / seq:.3f} (speed-up {seq / par:.2f}x)")
+    gap = np.abs(seq_runs["accuracy"].to_numpy() - par_runs["accuracy"].to_numpy()).max()
+    click.echo(f"largest per-run accuracy difference between the two paths: {gap:.4f}")
+
+
+@click.command()
+@click.argument("config")
+@click.argument("overrides", nargs=-1)
+@click.option("--part", "parts", multiple=True, type=click.Choice(["train", "eval"]), default=("train", "eval"))
+@click.option("--steps", nargs=2, type=int, default=(5, 25), show_default=True, help="the two stage-1 step counts")
+@click.option("--sets", "n_sets", type=int, default=6, show_default=True, help="evaluation runs (one seed per set)")
+@click.option("--dpc", type=int, default=10, show_default=True)
+def main(config: str, overrides: tuple[str, ...], parts: tuple[str, ...], steps: tuple[int, int], n_sets: int, dpc: int) -> None:
+    if "train" in parts:
+        bench_train(config, list(overrides), steps)
+    if "eval" in parts:
+        bench_eval(config, list(overrides), n_sets, dpc)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""benchmarks/glue.py on tiny models: one pass writes the tables; a second pass resumes and
+repeats nothing."""
+
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("shutdown_ray_after")]
+
+
+def _benchmark():
+    path = Path(__file__).parents[1] / "benchmarks" / "glue.py"
+    spec = importlib.util.spec_from_file_location("glue_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_writes_tables_and_resumes_without_repeating(tiny_overrides, tmp_path):
+    bench = _benchmark()
+    args = ["configs/bench/sst2.yaml", *tiny_overrides, "--budget", "smoke"]
+    first = CliRunner().invoke(bench.main, args)
+    assert first.exit_code == 0, first.output + repr(first.exception)
+    out = tmp_path / "runs" / "t" / "bench-smoke"
+    runs = pd.read_csv(out / "runs.csv")
+    # 5 methods x DPC 2 x (2 sets x 1 seed); herding's single set is trained with 2 seeds
+    assert len(runs) == 10 and set(runs.method) == {"dilm", "lm_only", "random", "k_centers", "herding"}
+    table = (out / "table.md").read_text()
+    assert "| p vs k_centers | p vs random |" in table and "| pretrain |" in table
+
+    second = CliRunner().invoke(bench.main, args)
+    assert second.exit_code == 0, second.output + repr(second.exception)
+    assert "[pretrain] done earlier" in second.output and "[coreset] done earlier" in second.output
+    assert "10 of 10 runs done earlier" in second.output
+    pd.testing.assert_frame_equal(pd.read_csv(out / "runs.csv"), runs)
+
+
+def test_benchmark_reports_a_bad_override_in_one_line(tiny_overrides):
+    result = CliRunner().invoke(_benchmark().main, ["configs/bench/sst2.yaml", *tiny_overrides, "distill.bogus=1"])
+    assert result.exit_code == 2 and result.output.startswith("error: ") and result.output.count("\n") == 1

@@ -1,0 +1,52 @@
+"""A stage whose driver is killed mid-run continues from its latest checkpoint with ``--resume``.
+
+The command runs in its own process group with its own embedded Ray; SIGKILL to the group takes
+down the driver, Ray and its workers at once, as a lost laptop session or head node would.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from dilm_ray.train.state import TrainState
+from tests.test_ray_train import _registered_checkpoint
+
+pytestmark = pytest.mark.integration
+
+STEPS = 400
+
+
+def _command(tiny_overrides, *extra):
+    overrides = [*tiny_overrides, f"pretrain.steps={STEPS}", "pretrain.log_every=20", "pretrain.checkpoint_every=20", "name=crash"]
+    return [sys.executable, "-m", "dilm_ray.cli", "pretrain", "configs/sst2-cpu.yaml", *overrides, *extra]
+
+
+def test_resume_after_the_driver_is_killed(tiny_overrides, tmp_path):
+    import ray
+
+    ray.shutdown()  # this test starts its own Ray in a child process; none may hold the CPUs here
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="r", dir="/tmp"), "RAY_AUTH_MODE": "disabled"}
+    run_dir = tmp_path / "runs" / "crash" / "ray" / "crash-pretrain"
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(_command(tiny_overrides), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and first.poll() is None and not _registered_checkpoint(run_dir):
+            time.sleep(0.1)
+        assert _registered_checkpoint(run_dir), (tmp_path / "first.log").read_text()[-2000:]
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert not (tmp_path / "runs" / "crash" / "generator-lm").exists(), "the first run finished before the kill"
+
+    second = subprocess.run(_command(tiny_overrides, "--resume"), env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    state = TrainState.load(tmp_path / "runs" / "crash" / "generator-lm" / "train_state.pt")
+    assert state.step == STEPS
+    resumed = state.extra.get("resumed_from")
+    assert resumed and 0 < resumed[0] < STEPS, state.extra
