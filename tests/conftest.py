@@ -94,6 +94,17 @@ def toy_data_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def toy_sets(toy_data_dir):
+    """The toy SST-2 (train, validation) as TextSets."""
+    from dilm_ray.config import DataConfig
+    from dilm_ray.data import load_split, resolve_task
+
+    cfg = DataConfig(path=str(toy_data_dir))
+    task = resolve_task(cfg)
+    return load_split(cfg, task, "train"), load_split(cfg, task, "validation")
+
+
 @pytest.fixture(scope="session")
 def toy_pair_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("toy-mnli")

@@ -28,13 +28,6 @@ QQP = BUILTIN_TASKS["qqp"]
 
 
 @pytest.fixture
-def toy(toy_data_dir):
-    cfg = DataConfig(path=str(toy_data_dir))
-    task = resolve_task(cfg)
-    return load_split(cfg, task, "train"), load_split(cfg, task, "validation")
-
-
-@pytest.fixture
 def toy_pair(toy_pair_dir):
     cfg = DataConfig(task="mnli", path=str(toy_pair_dir))
     task = resolve_task(cfg)
@@ -63,8 +56,8 @@ def test_pair_texts_are_joined_with_sep():
     assert joined_texts(TextSet(("sentence",), (("just one",),), np.array([1]))) == ["just one"]
 
 
-def test_tfidf_learns_toy_task_and_is_exactly_reproducible(toy, cfg):
-    train, val = toy
+def test_tfidf_learns_toy_task_and_is_exactly_reproducible(toy_sets, cfg):
+    train, val = toy_sets
     first = evaluate_learner(TFIDF, train, val, cfg, SST2, seed=3)
     assert set(first) == {"accuracy", "score", "seconds"}
     assert first["accuracy"] > 0.9 and first["score"] == first["accuracy"]
@@ -73,9 +66,9 @@ def test_tfidf_learns_toy_task_and_is_exactly_reproducible(toy, cfg):
     assert first == second
 
 
-def test_tfidf_uses_the_training_labels(toy, cfg):
+def test_tfidf_uses_the_training_labels(toy_sets, cfg):
     """Flipped training labels must flip the predictions: the model is fitted on ``train``."""
-    train, val = toy
+    train, val = toy_sets
     flipped = TextSet(train.columns, train.texts, 1 - train.labels)
     assert evaluate_learner(TFIDF, flipped, val, cfg, SST2, seed=0)["accuracy"] < 0.1
 
@@ -97,8 +90,8 @@ def test_tfidf_degenerate_sets_predict_majority():
     assert tfidf_predict(no_tokens, val, 0).tolist() == [0, 0]
 
 
-def test_tfidf_reproducible_across_processes(toy, tmp_path):
-    train, val = toy
+def test_tfidf_reproducible_across_processes(toy_sets, tmp_path):
+    train, val = toy_sets
     script = (
         "import json, sys, numpy as np\n"
         "from dilm_ray.data import TextSet\n"
@@ -114,8 +107,8 @@ def test_tfidf_reproducible_across_processes(toy, tmp_path):
     assert json.loads(out.stdout.strip().splitlines()[-1]) == tfidf_predict(train, val, 5).tolist()
 
 
-def test_neural_learner_uses_cache_and_is_reproducible(toy, cfg, tiny_bert_dir, monkeypatch):
-    train, val = toy
+def test_neural_learner_uses_cache_and_is_reproducible(toy_sets, cfg, tiny_bert_dir, monkeypatch):
+    train, val = toy_sets
     builds = []
     real = learners.build_learner
 
@@ -141,10 +134,10 @@ def test_neural_learner_uses_cache_and_is_reproducible(toy, cfg, tiny_bert_dir, 
     assert len(builds) == 3
 
 
-def test_tfidf_builds_nothing(toy, cfg, monkeypatch):
+def test_tfidf_builds_nothing(toy_sets, cfg, monkeypatch):
     monkeypatch.setattr(learners, "build_learner", lambda *a, **k: pytest.fail("tfidf must not build a neural model"))
     cache: dict = {}
-    evaluate_learner(TFIDF, *toy, cfg, SST2, seed=0, cache=cache)
+    evaluate_learner(TFIDF, *toy_sets, cfg, SST2, seed=0, cache=cache)
     assert cache == {}
 
 
@@ -193,8 +186,8 @@ def test_scratch_reset_draws_body_from_seed(scratch):
 
 
 @pytest.mark.integration
-def test_scratch_evaluate_via_cache(scratch, toy, cfg, monkeypatch):
-    train, val = toy
+def test_scratch_evaluate_via_cache(scratch, toy_sets, cfg, monkeypatch):
+    train, val = toy_sets
     monkeypatch.setattr(learners, "build_scratch", lambda *a, **k: pytest.fail("cached scratch learner must be reused"))
     cache = {SCRATCH: scratch}
     out = evaluate_learner(SCRATCH, train.select(range(8)), val, cfg, SST2, seed=4, cache=cache)

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from dilm_ray.config import DataConfig, EvaluateConfig, GeneratorConfig, LearnerConfig, SynthesizeConfig, load_config
-from dilm_ray.data import BUILTIN_TASKS, load_file, load_split, resolve_task
+from dilm_ray.config import EvaluateConfig, GeneratorConfig, LearnerConfig, SynthesizeConfig, load_config
+from dilm_ray.data import BUILTIN_TASKS, load_file
 from dilm_ray.evaluation.runner import evaluate_groups, results_table, run_plan
 from dilm_ray.evaluation.stats import summarize, welch_p
 from dilm_ray.evaluation.train_eval import scores, train_learner, predict
@@ -12,13 +12,6 @@ from dilm_ray.models.learner import build_learner
 from dilm_ray.synthesis import select_per_class, synthesize
 
 SST2 = BUILTIN_TASKS["sst2"]
-
-
-@pytest.fixture
-def data(toy_data_dir):
-    cfg = DataConfig(path=str(toy_data_dir))
-    task = resolve_task(cfg)
-    return load_split(cfg, task, "train"), load_split(cfg, task, "validation")
 
 
 def test_synthesize_writes_dpc_per_class_sets(tiny_lm_dir, tiny_bert_dir, tmp_path):
@@ -42,8 +35,8 @@ def test_coreset_methods_pick_per_class():
     assert set(select_per_class(emb, labels, 1, "herding", 0).tolist()) == {1, 4}
 
 
-def test_training_on_real_data_beats_chance_and_is_reproducible(tiny_bert_dir, data):
-    train, val = data
+def test_training_on_real_data_beats_chance_and_is_reproducible(tiny_bert_dir, toy_sets):
+    train, val = toy_sets
     learner = build_learner(LearnerConfig(model=str(tiny_bert_dir), max_length=16), 2, seed=0)
     cfg = EvaluateConfig(steps=60, lr=3e-3, batch_size=32)
     train_learner(learner, train, cfg, seed=1)
@@ -73,8 +66,8 @@ def test_run_plan_gives_every_group_the_same_runs():
     assert len(plan) == 2 * 2 * 4
 
 
-def test_evaluate_groups_table(tiny_bert_dir, data, tiny_overrides):
-    train, val = data
+def test_evaluate_groups_table(tiny_bert_dir, toy_sets, tiny_overrides):
+    train, val = toy_sets
     cfg = load_config("configs/sst2-cpu.yaml", tiny_overrides + ["evaluate.steps=2"])
     groups = {("dilm", 2): [train.select([0, 1, 2, 3])], ("random", 2): [train.select([4, 5, 6, 7])]}
     runs = evaluate_groups(cfg, SST2, val, groups, learners=[str(tiny_bert_dir), "tfidf-logreg"], parallel=False)
@@ -85,10 +78,10 @@ def test_evaluate_groups_table(tiny_bert_dir, data, tiny_overrides):
     assert "p_vs_dilm" in table.columns
 
 
-def test_train_embeddings_are_cached_per_learner_and_data(tiny_overrides, data):
+def test_train_embeddings_are_cached_per_learner_and_data(tiny_overrides, toy_sets):
     from dilm_ray.pipeline import train_embeddings
 
-    train, _ = data
+    train, _ = toy_sets
     cfg = load_config("configs/sst2-cpu.yaml", tiny_overrides)
     learner = build_learner(cfg.learner, 2, seed=0)
     calls = []
