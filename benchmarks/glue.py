@@ -72,8 +72,8 @@ def run_stages(cfg: Config, stages: Stages, data) -> None:
     run_dir = cfg.run_dir
     stages.run("pretrain", (run_dir / "generator-lm" / "config.json").is_file(), lambda: fit_stage(cfg, "pretrain", resume=True))
     stages.run("distill", (run_dir / "generator-dilm" / "config.json").is_file(), lambda: fit_stage(cfg, "distill", resume=True))
-    stages.run("synthesize_dilm", _sets_exist(cfg, ["dilm"]), lambda: synthesize_stage(cfg, data, "dilm"))
-    stages.run("synthesize_lm_only", _sets_exist(cfg, ["lm_only"]), lambda: synthesize_stage(cfg, data, "lm_only"))
+    stages.run("synthesize_dilm", _sets_exist(cfg, ["dilm"]), lambda: synthesize_stage(cfg, data, "dilm", resume=True))
+    stages.run("synthesize_lm_only", _sets_exist(cfg, ["lm_only"]), lambda: synthesize_stage(cfg, data, "lm_only", resume=True))
     methods = ("random", "k_centers", "herding")
     stages.run("coreset", _sets_exist(cfg, list(methods)), lambda: coreset_stage(cfg, data, methods))
 

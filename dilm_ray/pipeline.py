@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dilm_ray.config import Config
-from dilm_ray.data import TaskSpec, TextSet, load_split, resolve_task, subsample
+from dilm_ray.data import TaskSpec, TextSet, load_file, load_split, resolve_task, subsample
 from dilm_ray.errors import UserError
 from dilm_ray.models.generator import build_generator
 from dilm_ray.models.learner import build_learner
@@ -100,17 +100,24 @@ def set_dir(cfg: Config, method: str, dpc: int, index: int) -> Path:
     return cfg.run_dir / "distilled" / method / f"dpc{dpc}" / f"set{index}"
 
 
-def synthesize_stage(cfg: Config, data: TaskData, method: str = "dilm", run_id: str | None = None) -> dict[int, list[Path]]:
-    """Distilled sets from the DiLM generator (``method="dilm"``) or the LM-only one (``"lm_only"``)."""
+def synthesize_stage(cfg: Config, data: TaskData, method: str = "dilm", run_id: str | None = None, resume: bool = False) -> dict[int, list[Path]]:
+    """Distilled sets from the DiLM generator (``method="dilm"``) or the LM-only one (``"lm_only"``).
+
+    ``resume`` keeps the sets already on disk and makes only the missing ones (a benchmark adding
+    a DPC or recovering from an interruption); otherwise every set is made afresh.
+    """
     gen = build_generator(cfg.generator, data.task, generator_source(cfg, DILM_DIR if method == "dilm" else LM_DIR))
     learner = build_learner(cfg.learner, data.task.num_labels, cfg.seed)
     written: dict[int, list[Path]] = {}
     previews = []
     for dpc in cfg.synthesize.dpc:
-        sets, dropped = synthesize(gen, learner, cfg.synthesize, cfg.generator, dpc, cfg.seed)
-        written[dpc] = [s.save(set_dir(cfg, method, dpc, i))[0] for i, s in enumerate(sets)]
-        print(f"{method} dpc={dpc}: {len(sets)} sets, {dropped} malformed samples dropped and regenerated")
-        previews.append(preview(sets[0], data.task, f"{method}, DPC {dpc}, set 0"))
+        written[dpc] = [set_dir(cfg, method, dpc, i) / "train.parquet" for i in range(cfg.synthesize.n_datasets)]
+        todo = [i for i, path in enumerate(written[dpc]) if not (resume and path.is_file())]
+        sets, dropped = synthesize(gen, learner, cfg.synthesize, cfg.generator, dpc, cfg.seed, indices=todo)
+        for i, s in zip(todo, sets):
+            s.save(set_dir(cfg, method, dpc, i))
+        print(f"{method} dpc={dpc}: {len(sets)} sets made, {len(written[dpc]) - len(todo)} kept, {dropped} malformed samples dropped and regenerated")
+        previews.append(preview(load_file(written[dpc][0], data.task), data.task, f"{method}, DPC {dpc}, set 0"))
     preview_path = cfg.run_dir / "distilled" / method / "preview.md"
     preview_path.write_text("\n\n".join(previews) + "\n")
     log_artifacts(run_id, [cfg.run_dir / "distilled" / method], f"distilled/{method}")

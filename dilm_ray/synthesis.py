@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -38,12 +40,15 @@ def coreset(train: TextSet, embeddings: torch.Tensor, dpc: int, method: str, see
 
 
 def synthesize(
-    gen: Generator, learner: Learner, cfg: SynthesizeConfig, gen_cfg: GeneratorConfig, dpc: int, seed: int, progress: bool = True
+    gen: Generator, learner: Learner, cfg: SynthesizeConfig, gen_cfg: GeneratorConfig, dpc: int, seed: int,
+    indices: Sequence[int] | None = None, progress: bool = True,
 ) -> tuple[list[TextSet], int]:
-    """``cfg.n_datasets`` sets: generate dpc x over_sample_ratio per class, keep dpc by K-centers
-    (or at random) on learner embeddings. Returns (sets, malformed samples dropped)."""
+    """Sets ``indices`` (default: all ``cfg.n_datasets``): generate dpc x over_sample_ratio per
+    class, keep dpc by K-centers (or at random) on learner embeddings. Each set draws from its own
+    seed, so set i is the same whether or not the others are made. Returns (sets, malformed
+    samples dropped)."""
     sets, dropped = [], 0
-    for i in tqdm(range(cfg.n_datasets), desc=f"synthesize dpc={dpc}", disable=not progress):
+    for i in tqdm(range(cfg.n_datasets) if indices is None else indices, desc=f"synthesize dpc={dpc}", disable=not progress):
         rng = torch.Generator().manual_seed(seed * 1_000_003 + dpc * 1009 + i)
         pool, d = gen.generate_all(dpc * cfg.over_sample_ratio, gen_cfg, rng, cfg.max_attempts)
         dropped += d

@@ -2,6 +2,7 @@
 repeats nothing."""
 
 import importlib.util
+import io
 from pathlib import Path
 
 import pandas as pd
@@ -31,9 +32,16 @@ def test_benchmark_writes_tables_and_resumes_without_repeating(tiny_overrides, t
     table = (out / "table.md").read_text()
     assert "| p vs k_centers | p vs random |" in table and "| pretrain |" in table
 
+    lost = next((tmp_path / "runs" / "t" / "distilled" / "dilm").glob("dpc*/set1/train.parquet"))
+    kept = lost.parent.parent / "set0" / "train.parquet"
+    lost_text, kept_mtime = lost.read_bytes(), kept.stat().st_mtime_ns
+    lost.unlink()  # an interrupted synthesis: only the missing set is made again, identically
+
     second = CliRunner().invoke(bench.main, args)
     assert second.exit_code == 0, second.output + repr(second.exception)
     assert "[pretrain] done earlier" in second.output and "[coreset] done earlier" in second.output
+    assert "1 sets made, 1 kept" in second.output and kept.stat().st_mtime_ns == kept_mtime
+    assert pd.read_parquet(lost).equals(pd.read_parquet(io.BytesIO(lost_text)))
     assert "10 of 10 runs done earlier" in second.output
     pd.testing.assert_frame_equal(pd.read_csv(out / "runs.csv"), runs)
 

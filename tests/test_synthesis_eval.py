@@ -24,6 +24,9 @@ def test_synthesize_writes_dpc_per_class_sets(tiny_lm_dir, tiny_bert_dir, tmp_pa
     assert sets[0].texts != sets[1].texts
     parquet, _ = sets[0].save(tmp_path)
     assert load_file(parquet, SST2).texts == sets[0].texts
+    # set i depends only on its own seed: making set 1 alone (a resumed synthesis) gives the same set
+    (again,), _ = synthesize(gen, learner, SynthesizeConfig(n_datasets=2, over_sample_ratio=3), GeneratorConfig(max_length=10), dpc=3, seed=0, indices=[1], progress=False)
+    assert again.texts == sets[1].texts
 
 
 def test_coreset_methods_pick_per_class():
