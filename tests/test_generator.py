@@ -4,7 +4,7 @@ import torch
 
 from dilm_ray.config import GeneratorConfig, PretrainConfig
 from dilm_ray.data import BUILTIN_TASKS, TextSet
-from dilm_ray.models.generator import build_generator, set_trainable, top_k_top_p_probs
+from dilm_ray.models.generator import build_generator, sample_tokens, set_trainable, top_k_top_p_probs
 from dilm_ray.train.pretrain import pretrain
 
 SST2, MNLI = BUILTIN_TASKS["sst2"], BUILTIN_TASKS["mnli"]
@@ -47,6 +47,39 @@ def test_sampling_is_seeded(gen):
     a = gen.sample(0, 4, cfg, torch.Generator().manual_seed(3))
     b = gen.sample(0, 4, cfg, torch.Generator().manual_seed(3))
     assert a == b and all(len(s) <= 11 for s in a)
+
+
+def test_rows_that_stop_early_leave_the_batch_without_disturbing_the_others():
+    """Greedy decoding (top_k=1) must equal each row's own uncached greedy path, cut at EOS, when
+    rows finish at different steps and are dropped from the batch and the KV cache. Large random
+    weights make every next token depend on the whole history, so a misaligned cache shows."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=24, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, initializer_range=1.0, max_position_embeddings=32)
+    model = LlamaForCausalLM(config).eval()
+    prompt = torch.arange(8)[:, None]
+    steps = 10
+
+    def greedy(row: torch.Tensor) -> list[int]:
+        ids = row[None]
+        with torch.no_grad():
+            for _ in range(steps):
+                ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], 1)
+        return ids[0, 1:].tolist()
+
+    paths = [greedy(row) for row in prompt]
+
+    def cut(eos: int) -> list[list[int]]:
+        return [p[: p.index(eos)] if eos in p else p for p in paths]
+
+    eos = max(range(config.vocab_size), key=lambda t: len({len(c) for c in cut(t)}))  # the most staggered stops
+    expected = cut(eos)
+    assert len({len(e) for e in expected}) > 2  # rows really do finish at different steps
+    with torch.no_grad():
+        got = sample_tokens(model, prompt, steps, top_k=1, top_p=1.0, temperature=1.0, eos_id=eos, rng=torch.Generator().manual_seed(0))
+    assert got == expected
 
 
 def test_pair_generation_round_trips_through_the_separator(tiny_lm_dir):

@@ -152,24 +152,32 @@ def sample_tokens(
     eos_id: int,
     rng: torch.Generator,
 ) -> list[list[int]]:
-    """Sample continuations with the KV cache; sequences stop at EOS (excluded from the output)."""
+    """Sample continuations with the KV cache; sequences stop at EOS (excluded from the output).
+
+    Finished rows leave the batch and the cache: short texts (most SST-2 phrases are under 15
+    tokens) then stop paying for the longest one in their batch.
+    """
     # transformers 5.x names the cache ``cache``; 4.x ``past_key_values``
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
     past, logits = getattr(out, cache_kw), out.logits[:, -1]
-    finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
-    steps: list[torch.Tensor] = []
-    for _ in range(max_new_tokens):
+    tokens = torch.full((prompt.shape[0], max_new_tokens), eos_id, dtype=torch.long)
+    active = torch.arange(prompt.shape[0])  # rows of ``tokens`` still generating
+    for step in range(max_new_tokens):
         probs, ids = top_k_top_p_probs(logits.float() / temperature, top_k, top_p)
         choice = torch.multinomial(probs.cpu(), 1, generator=rng).to(ids.device)
-        token = ids.gather(-1, choice).squeeze(-1).masked_fill(finished, eos_id)
-        steps.append(token)
-        finished |= token == eos_id
-        if bool(finished.all()):
+        token = ids.gather(-1, choice).squeeze(-1)
+        tokens[active, step] = token.cpu()
+        going = token != eos_id
+        if not bool(going.any()) or step == max_new_tokens - 1:
             break
+        if not bool(going.all()):
+            keep = going.nonzero().squeeze(-1)
+            active, token = active[keep.cpu()], token[keep]
+            past.batch_select_indices(keep)
         out = model(input_ids=token[:, None], use_cache=True, **{cache_kw: past})
         past, logits = getattr(out, cache_kw), out.logits[:, -1]
-    seqs = torch.stack(steps, 1).tolist() if steps else [[] for _ in range(prompt.shape[0])]
+    seqs = tokens.tolist()
     return [s[: s.index(eos_id)] if eos_id in s else s for s in seqs]
 
 
