@@ -137,8 +137,9 @@ def preview(data: TextSet, task: TaskSpec, title: str, per_label: int = 5) -> st
 def train_embeddings(cfg: Config, train: TextSet, learner) -> torch.Tensor:
     """The learner's embeddings of the train rows, cached in the run folder: stage 2's teacher
     sets and the coresets use the same ones (the learner body is pretrained, so the seed does
-    not change them). The key covers everything they depend on."""
-    key = hashlib.sha1(json.dumps([cfg.learner.model_dump(mode="json"), cfg.data.model_dump(mode="json")], sort_keys=True).encode()).hexdigest()[:12]
+    not change them). The key covers everything they depend on, and not the validation split."""
+    data = cfg.data.model_dump(mode="json", exclude={"validation_split", "max_validation_samples"})
+    key = hashlib.sha1(json.dumps([cfg.learner.model_dump(mode="json"), data], sort_keys=True).encode()).hexdigest()[:12]
     path = cfg.run_dir / "cache" / f"train-embeddings-{key}.pt"
     if path.is_file():
         return torch.load(path)

@@ -96,3 +96,6 @@ def test_train_embeddings_are_cached_per_learner_and_data(tiny_overrides, toy_se
     other = load_config("configs/sst2-cpu.yaml", [*tiny_overrides, "learner.max_length=8"])
     train_embeddings(other, train, learner)  # another learner setting: another cache entry
     assert len(calls) == 2
+    capped = load_config("configs/sst2-cpu.yaml", [*tiny_overrides, "data.max_validation_samples=3"])
+    train_embeddings(capped, train, learner)  # the validation cap does not touch the train rows
+    assert len(calls) == 2
