@@ -67,6 +67,7 @@ def test_run_plan_gives_every_group_the_same_runs():
     assert herding == [(0, 10), (0, 11), (0, 12), (0, 13)]
     assert [r.set_index for r in plan if r.method == "dilm" and r.learner == "y"] == [0, 1, 0, 1]
     assert len(plan) == 2 * 2 * 4
+    assert [r.method for r in plan[:4]] == ["dilm", "herding", "dilm", "herding"]  # groups take turns
 
 
 def test_evaluate_groups_table(tiny_bert_dir, toy_sets, tiny_overrides):

@@ -27,12 +27,13 @@ class Run:
 
 def run_plan(groups: dict[Group, list], runs_per_group: int, seed: int, learners: list[str]) -> list[Run]:
     """Every run; a group with fewer sets (herding: 1) cycles through them so that every group
-    gets ``runs_per_group`` runs with the same seeds."""
+    gets ``runs_per_group`` runs with the same seeds. Groups take turns, so an interrupted
+    evaluation leaves every method with about as many runs."""
     return [
         Run(learner, method, dpc, r % len(sets), seed + r)
         for learner in learners
-        for (method, dpc), sets in groups.items()
         for r in range(runs_per_group)
+        for (method, dpc), sets in groups.items()
     ]
 
 
