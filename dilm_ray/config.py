@@ -43,6 +43,9 @@ class GeneratorConfig(_Section):
     temperature: float = Field(1.0, gt=0.0)
     train_top_layers: int | None = Field(None, ge=1, description="train only the top N transformer layers (CPU budgets)")
     generate_batch_size: int = Field(64, ge=1)
+    label_init: Literal["label_name", "bos"] = Field(
+        "label_name", description="initial <bos_i> embedding: the mean embedding of label i's name, or a copy of BOS"
+    )
 
 
 class LearnerConfig(_Section):

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -15,14 +17,24 @@ def gen(tiny_lm_dir):
     return build_generator(GeneratorConfig(model=str(tiny_lm_dir), max_length=12, top_k=10), SST2)
 
 
-def test_label_tokens_are_added_and_initialised_from_bos(gen):
-    emb = gen.model.get_input_embeddings().weight
-    bos = gen.tokenizer.bos_token_id
+def test_label_tokens_start_from_label_names(tiny_lm_dir):
+    task = dataclasses.replace(SST2, label_names=("awful", "superb"))  # names in the tiny vocabulary
+    gen = build_generator(GeneratorConfig(model=str(tiny_lm_dir), max_length=12), task)
+    emb, tok = gen.model.get_input_embeddings().weight, gen.tokenizer
     assert len(set(gen.bos_ids)) == 2 and gen.sep_id not in gen.bos_ids
-    for i in gen.bos_ids + [gen.sep_id]:
-        assert torch.equal(emb[i], emb[bos])
+    for bos_id, name in zip(gen.bos_ids, task.label_names):
+        assert torch.equal(emb[bos_id], emb[tok.convert_tokens_to_ids(name)])
+    assert not torch.equal(emb[gen.bos_ids[0]], emb[gen.bos_ids[1]])
+    assert torch.equal(emb[gen.sep_id], emb[tok.bos_token_id])
     assert gen.encode(("good movie",), 1)[0] == gen.bos_ids[1]
     assert gen.encode(("good movie",), 1)[-1] == gen.eos_id
+
+
+def test_label_tokens_can_start_as_copies_of_bos(tiny_lm_dir):
+    gen = build_generator(GeneratorConfig(model=str(tiny_lm_dir), max_length=12, label_init="bos"), SST2)
+    emb = gen.model.get_input_embeddings().weight
+    for i in gen.bos_ids + [gen.sep_id]:
+        assert torch.equal(emb[i], emb[gen.tokenizer.bos_token_id])
 
 
 def test_lm_loss_ignores_padding(gen):

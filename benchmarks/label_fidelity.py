@@ -1,0 +1,103 @@
+"""Does the generator write text of the label it is asked for? Prints measured numbers.
+
+A reference classifier (word 1-2 gram TF-IDF + logistic regression, fitted on the config's real
+train rows) labels generated samples; fidelity = the share it assigns to the requested label.
+Its accuracy on the real validation split is printed beside it as the ceiling to read it against.
+
+Two uses:
+
+    # stage-1 generators trained N steps from the packaged model, one per label-token init
+    python benchmarks/label_fidelity.py configs/bench/sst2.yaml --steps 40 --init bos --init label_name
+    # generators already trained (stage 1 or 2 folders)
+    python benchmarks/label_fidelity.py configs/bench/sst2.yaml --generator runs/sst2-bench/generator-lm
+"""
+
+from __future__ import annotations
+
+import time
+
+import click
+import numpy as np
+import torch
+
+from dilm_ray.config import Config, load_config
+from dilm_ray.data import TextSet
+from dilm_ray.errors import UserError
+
+
+def reference_classifier(train: TextSet):
+    """TF-IDF + logistic regression on the real rows: ``predict(TextSet) -> labels``."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    from dilm_ray.evaluation.learners import joined_texts
+
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    clf = LogisticRegression(max_iter=1000).fit(vectorizer.fit_transform(joined_texts(train)), train.labels)
+    return lambda data: clf.predict(vectorizer.transform(joined_texts(data)))
+
+
+def fidelity(cfg: Config, gen, predict, per_label: int) -> tuple[float, list[float], TextSet]:
+    """(overall fidelity, per-label fidelity, the samples) for ``per_label`` samples per label."""
+    samples, _ = gen.generate_all(per_label, cfg.generator, torch.Generator().manual_seed(cfg.seed), 10)
+    hits = predict(samples) == samples.labels
+    per = [float(hits[samples.labels == y].mean()) for y in range(gen.task.num_labels)]
+    return float(hits.mean()), per, samples
+
+
+@click.command()
+@click.argument("config")
+@click.argument("overrides", nargs=-1)
+@click.option("--generator", "generators", multiple=True, help="a trained generator folder to measure (repeatable)")
+@click.option("--init", "inits", multiple=True, type=click.Choice(["label_name", "bos"]), help="train a stage-1 generator from the packaged model with this label-token init")
+@click.option("--steps", type=int, default=40, show_default=True, help="LM steps for --init generators")
+@click.option("--per-label", type=int, default=100, show_default=True)
+def main(config: str, overrides: tuple[str, ...], generators, inits, steps: int, per_label: int) -> None:
+    import sys
+
+    from dilm_ray.models.generator import build_generator
+    from dilm_ray.pipeline import load_data, setup_torch
+    from dilm_ray.train.pretrain import pretrain
+
+    try:
+        cfg = load_config(config, list(overrides))
+        setup_torch(cfg)
+        data = load_data(cfg)
+        predict = reference_classifier(data.train)
+        ceiling = float((predict(data.validation) == data.validation.labels).mean())
+        click.echo(f"reference classifier: {100 * ceiling:.1f}% on {len(data.validation)} real validation rows")
+        click.echo("| generator | LM steps | final LM loss | fidelity % | per label % | seconds |\n|---|---|---|---|---|---|")
+        rows = [(g, None) for g in generators] + [(None, i) for i in inits]
+        for source, init in rows:
+            start, loss = time.perf_counter(), float("nan")
+            if init is None:
+                gen, name, n = build_generator(cfg.generator, data.task, source), source, "-"
+            else:
+                gen_cfg = cfg.generator.model_copy(update={"label_init": init})
+                gen, name, n = build_generator(gen_cfg, data.task), f"{cfg.generator.model}, label_init={init}", steps
+                pretrain_cfg = cfg.pretrain.model_copy(update={"steps": steps, "log_every": steps})
+                losses = []
+                pretrain(gen, data.train, pretrain_cfg, gen_cfg, cfg.seed, logger=_Collect(losses))
+                loss = losses[-1]
+            score, per, samples = fidelity(cfg, gen, predict, per_label)
+            per_text = " / ".join(f"{name_}: {100 * p:.0f}" for name_, p in zip(data.task.label_names, per))
+            click.echo(f"| {name} | {n} | {loss:.3f} | {100 * score:.1f} | {per_text} | {time.perf_counter() - start:.0f} |")
+            for y, label in enumerate(data.task.label_names):
+                click.echo(f"  e.g. {label}: " + " | ".join(t[0][:60] for t in samples.select(np.flatnonzero(samples.labels == y)[:4]).texts))
+    except UserError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+
+
+class _Collect:
+    """A metric logger keeping the LM loss values."""
+
+    def __init__(self, out: list[float]) -> None:
+        self.out = out
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.out.append(metrics["lm_loss"])
+
+
+if __name__ == "__main__":
+    main()
