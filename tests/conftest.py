@@ -155,3 +155,14 @@ def shutdown_ray_after():
     import ray
 
     ray.shutdown()
+
+
+def benchmark_script(name: str):
+    """A script of ``benchmarks/`` (not a package) loaded as a module, for its click command."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,27 +1,19 @@
 """benchmarks/glue.py on tiny models: one pass writes the tables; a second pass resumes and
 repeats nothing."""
 
-import importlib.util
 import io
-from pathlib import Path
 
 import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+from tests.conftest import benchmark_script
+
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("shutdown_ray_after")]
 
 
-def _benchmark():
-    path = Path(__file__).parents[1] / "benchmarks" / "glue.py"
-    spec = importlib.util.spec_from_file_location("glue_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_benchmark_writes_tables_and_resumes_without_repeating(tiny_overrides, tmp_path):
-    bench = _benchmark()
+    bench = benchmark_script("glue")
     args = ["configs/bench/sst2.yaml", *tiny_overrides, "--budget", "smoke"]
     first = CliRunner().invoke(bench.main, args)
     assert first.exit_code == 0, first.output + repr(first.exception)
@@ -47,5 +39,5 @@ def test_benchmark_writes_tables_and_resumes_without_repeating(tiny_overrides, t
 
 
 def test_benchmark_reports_a_bad_override_in_one_line(tiny_overrides):
-    result = CliRunner().invoke(_benchmark().main, ["configs/bench/sst2.yaml", *tiny_overrides, "distill.bogus=1"])
+    result = CliRunner().invoke(benchmark_script("glue").main, ["configs/bench/sst2.yaml", *tiny_overrides, "distill.bogus=1"])
     assert result.exit_code == 2 and result.output.startswith("error: ") and result.output.count("\n") == 1
