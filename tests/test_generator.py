@@ -37,6 +37,17 @@ def test_label_tokens_can_start_as_copies_of_bos(tiny_lm_dir):
         assert torch.equal(emb[i], emb[gen.tokenizer.bos_token_id])
 
 
+def test_a_saved_generator_keeps_its_trained_label_tokens(gen, tmp_path):
+    emb = gen.model.get_input_embeddings().weight
+    with torch.no_grad():
+        emb[gen.bos_ids[0]] += 1.0  # as if stage 1 had trained it
+    trained = emb[gen.bos_ids[0]].clone()
+    gen.save(tmp_path)
+    again = build_generator(GeneratorConfig(max_length=12), SST2, str(tmp_path))
+    assert again.bos_ids == gen.bos_ids
+    assert torch.equal(again.model.get_input_embeddings().weight[again.bos_ids[0]], trained)
+
+
 def test_lm_loss_ignores_padding(gen):
     one = TextSet(("sentence",), (("good movie",),), np.array([1]))
     two = TextSet(("sentence",), (("good movie",), ("the film was very quite dull and slow",)), np.array([1, 0]))
