@@ -37,7 +37,7 @@ class DataConfig(_Section):
 
 class GeneratorConfig(_Section):
     model: str = "gpt2"
-    max_length: int = Field(64, ge=4, le=4096, description="tokens per sample, label BOS and EOS included")
+    max_length: int = Field(64, ge=4, le=4096, description="tokens per sample, prompt (sink and label token) and EOS included")
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     top_k: int = Field(50, ge=1, description="pre-filter before top-p; keeps sampling fast")
     temperature: float = Field(1.0, gt=0.0)
@@ -45,6 +45,9 @@ class GeneratorConfig(_Section):
     generate_batch_size: int = Field(64, ge=1)
     label_init: Literal["label_name", "bos"] = Field(
         "label_name", description="initial <bos_i> embedding: the mean embedding of label i's name, or a copy of BOS"
+    )
+    sink_token: bool = Field(
+        True, description="start each sample with the LM's own BOS so <bos_i> is not position 0, the attention sink"
     )
 
 

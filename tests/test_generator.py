@@ -26,8 +26,21 @@ def test_label_tokens_start_from_label_names(tiny_lm_dir):
         assert torch.equal(emb[bos_id], emb[tok.convert_tokens_to_ids(name)])
     assert not torch.equal(emb[gen.bos_ids[0]], emb[gen.bos_ids[1]])
     assert torch.equal(emb[gen.sep_id], emb[tok.bos_token_id])
+    ids = gen.encode(("good movie",), 1)
+    assert ids[:2] == [tok.bos_token_id, gen.bos_ids[1]] and ids[-1] == gen.eos_id  # BOS first: the sink
+
+
+def test_without_the_sink_token_the_label_token_comes_first(tiny_lm_dir):
+    gen = build_generator(GeneratorConfig(model=str(tiny_lm_dir), max_length=12, sink_token=False), SST2)
     assert gen.encode(("good movie",), 1)[0] == gen.bos_ids[1]
-    assert gen.encode(("good movie",), 1)[-1] == gen.eos_id
+
+
+def test_lm_loss_scores_the_text_not_the_label_token(gen):
+    one = TextSet(("sentence",), (("good movie",),), np.array([1]))
+    with torch.no_grad():
+        batch = gen.batch(one)
+        nll = torch.nn.functional.cross_entropy(gen.model(**batch).logits[0, :-1], batch["input_ids"][0, 1:], reduction="none")
+        assert torch.isclose(gen.lm_losses(one)[0], nll[1:].mean())  # target 0 is <bos_1> after the sink
 
 
 def test_label_tokens_can_start_as_copies_of_bos(tiny_lm_dir):
@@ -109,9 +122,10 @@ def test_pair_generation_round_trips_through_the_separator(tiny_lm_dir):
     gen = build_generator(GeneratorConfig(model=str(tiny_lm_dir), max_length=16), MNLI)
     texts = ("good film", "the movie was bad")
     ids = gen.encode(texts, 2)
-    assert gen.parse(ids[1:-1]) == texts  # without BOS and EOS, as sampling returns them
-    assert gen.parse(gen.encode(("good film",), 2)[1:-1]) is None  # missing separator
-    assert gen.parse([gen.sep_id] + gen.encode(("good",), 0)[1:-1]) is None  # empty side
+    start = len(gen.prompt(2))
+    assert gen.parse(ids[start:-1]) == texts  # without prompt and EOS, as sampling returns them
+    assert gen.parse(gen.encode(("good film",), 2)[start:-1]) is None  # missing separator
+    assert gen.parse([gen.sep_id] + gen.encode(("good",), 0)[start:-1]) is None  # empty side
 
 
 def test_malformed_samples_are_dropped_and_counted(tiny_lm_dir):
@@ -135,12 +149,16 @@ def test_top_layers_only_and_label_rows(gen):
     assert any(p is emb for p in params) and torch.equal(before, emb.detach())
 
 
-def test_pretraining_learns_label_conditioned_text(gen, toy_data_dir):
+def test_pretraining_learns_label_conditioned_text(tiny_lm_dir, toy_data_dir):
     from dilm_ray.config import DataConfig
     from dilm_ray.data import load_split, resolve_task
 
     cfg = DataConfig(path=str(toy_data_dir))
     train = load_split(cfg, resolve_task(cfg), "train")
+    # label names in the tiny vocabulary: the label tokens start apart (label_init=label_name);
+    # from identical starts this tiny LM learned the conditioning for 1 of 3 seeds in 150 steps
+    task = dataclasses.replace(SST2, label_names=("awful", "superb"))
+    gen = build_generator(GeneratorConfig(model=str(tiny_lm_dir), max_length=12, top_k=10), task)
     with torch.no_grad():
         before = gen.lm_losses(train.select(range(40))).mean().item()
     pretrain(gen, train, PretrainConfig(steps=150, batch_size=16, lr=1e-2, warmup_ratio=0.0, log_every=50), GeneratorConfig(), seed=0)
