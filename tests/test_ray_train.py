@@ -41,14 +41,18 @@ def test_two_workers_pretrain_then_distill(ray_2_cpus, tiny_overrides):
 
 
 def _train_worker_processes():
-    """Live Train worker processes, found by the title Ray gives them (``ray::RayTrainWorker...``)."""
+    """This test's live Train worker processes: descendants of this process (the local raylet
+    forks them) with the title Ray gives them. Matching the title alone killed the workers of
+    another Ray session on the same machine (a benchmark running beside the test suite)."""
     import psutil
 
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if cmd.startswith("ray::RayTrainWorker"):
-            found.append(proc)
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if " ".join(proc.cmdline()).startswith("ray::RayTrainWorker"):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            pass
     return found
 
 
