@@ -24,8 +24,9 @@ from dilm_ray.errors import UserError
 @torch.no_grad()
 def label_signal(gen, texts: list[str], layer: int, sink: bool) -> dict[str, float]:
     """Mean over ``texts`` of the label-0 vs label-1 differences (see the module docstring)."""
-    bos = gen.tokenizer.bos_token_id
-    prefix = (list(gen.prefix) or [bos if bos is not None else gen.eos_id]) if sink else []
+    from dilm_ray.models.generator import sink_token_id
+
+    prefix = [sink_token_id(gen.tokenizer)] if sink else []
     rel_label, rel_text, kl, norm0 = [], [], [], []
     for text in texts:
         ids = gen.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -52,7 +53,7 @@ def label_signal(gen, texts: list[str], layer: int, sink: bool) -> dict[str, flo
 def main(config: str, overrides: tuple[str, ...], generator_dir: str | None, sentences: int) -> None:
     import sys
 
-    from dilm_ray.models.generator import _decoder_layers, build_generator
+    from dilm_ray.models.generator import decoder_layers, build_generator
     from dilm_ray.pipeline import load_data, setup_torch
 
     try:
@@ -61,7 +62,7 @@ def main(config: str, overrides: tuple[str, ...], generator_dir: str | None, sen
         data = load_data(cfg)
         gen = build_generator(cfg.generator, data.task, generator_dir)
         gen.model.eval()
-        n_layers = len(_decoder_layers(gen.model))
+        n_layers = len(decoder_layers(gen.model))
         layer = n_layers - (cfg.generator.train_top_layers or n_layers)  # hidden_states[i] feeds block i
         texts = [" ".join(t) for t in data.train.texts]
         click.echo(f"{len(texts)} train sentences, hidden states at the input of block {layer} of {n_layers}")

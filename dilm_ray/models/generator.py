@@ -131,7 +131,7 @@ class Generator:
 def sequence_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, skip: int = 0) -> torch.Tensor:
     """Mean next-token NLL per sequence over non-padding targets after the first ``skip``: shape [batch]."""
     targets = input_ids[:, 1:]
-    mask = attention_mask[:, 1:].to(logits.dtype)
+    mask = attention_mask[:, 1:].to(logits.dtype, copy=True)  # copy: zeroed below
     mask[:, :skip] = 0.0
     nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
     return (nll * mask).sum(1) / mask.sum(1).clamp_min(1.0)
@@ -188,7 +188,7 @@ def sample_tokens(
     return [s[: s.index(eos_id)] if eos_id in s else s for s in seqs]
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The transformer block list: the longest ModuleList in the model."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     if not lists:
@@ -209,7 +209,7 @@ def set_trainable(gen: Generator, top_layers: int | None, label_tokens: bool) ->
         return [p for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     trainable = list(layers[-top_layers:].parameters())
     last_norm = [m for m in model.modules() if "norm" in type(m).__name__.lower() or isinstance(m, nn.LayerNorm)]
     if last_norm:
@@ -248,6 +248,17 @@ def init_new_tokens(model: nn.Module, tokenizer, task: TaskSpec, label_init: str
             emb.weight[vocab[token]] = emb.weight[source].mean(0)
 
 
+def sink_token_id(tokenizer) -> int:
+    """The token put before ``<bos_i>``: the LM's own BOS (else EOS).
+
+    Pre-trained LMs park huge activations on the first position whatever its token (an attention
+    sink); measured on SmolLM2, ``<bos_i>`` there differed 0.04 (relative) between labels after
+    the 22 frozen layers, 0.39 behind a sink token (benchmarks/label_signal.py): the label would
+    barely reach the trained top layers.
+    """
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
 def build_generator(cfg: GeneratorConfig, task: TaskSpec, model_name: str | None = None) -> Generator:
     """Load the LM and add ``<bos_i>`` per label and ``<sep>`` (see ``init_new_tokens``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -266,11 +277,6 @@ def build_generator(cfg: GeneratorConfig, task: TaskSpec, model_name: str | None
         raise ValueError(f"generator '{name}' has no EOS token")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     vocab = tokenizer.get_vocab()
-    # Pre-trained LMs park huge activations on the first position whatever its token (an
-    # attention sink); measured on SmolLM2, <bos_i> there differed 0.04 (relative) between labels
-    # after the 22 frozen layers, 0.39 behind a sink token: the label would barely reach the
-    # trained top layers.
-    sink = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
     return Generator(
         model=model,
         tokenizer=tokenizer,
@@ -280,5 +286,5 @@ def build_generator(cfg: GeneratorConfig, task: TaskSpec, model_name: str | None
         sep_id=vocab[SEP_TOKEN],
         eos_id=eos,
         pad_id=pad,
-        prefix=(sink,) if cfg.sink_token else (),
+        prefix=(sink_token_id(tokenizer),) if cfg.sink_token else (),
     )
