@@ -78,8 +78,8 @@ def run_stages(cfg: Config, stages: Stages, data) -> None:
     stages.run("coreset", _sets_exist(cfg, list(methods)), lambda: coreset_stage(cfg, data, methods))
 
 
-def evaluate_remaining(cfg: Config, data, methods: list[str], dpcs: list[int], learners: list[str], out: Path, chunk: int) -> pd.DataFrame:
-    """Run the plan's runs that ``runs.csv`` does not hold yet, appending as chunks finish."""
+def evaluate_remaining(cfg: Config, data, methods: list[str], dpcs: list[int], learners: list[str], out: Path) -> pd.DataFrame:
+    """Run the plan's runs that ``runs.csv`` does not hold yet, saving each one as it finishes."""
     from dilm_ray.data import load_file
     from dilm_ray.evaluation.runner import evaluate_plan, run_plan
     from dilm_ray.pipeline import discover_sets
@@ -94,14 +94,19 @@ def evaluate_remaining(cfg: Config, data, methods: list[str], dpcs: list[int], l
         raise UserError(f"no distilled sets for {missing} under {cfg.run_dir / 'distilled'}")
     plan = run_plan(groups, cfg.synthesize.n_datasets * cfg.evaluate.n_evals_per_dataset, cfg.seed, learners)
     path = out / "runs.csv"
-    done = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=KEY)
-    seen = set(map(tuple, done[KEY].astype(str).to_numpy()))
+    earlier = pd.read_csv(path).to_dict("records") if path.exists() else []
+    seen = {tuple(str(row[k]) for k in KEY) for row in earlier}
     todo = [r for r in plan if tuple(map(str, (r.learner, r.method, r.dpc, r.set_index, r.seed))) not in seen]
     click.echo(f"[evaluate] {len(plan) - len(todo)} of {len(plan)} runs done earlier")
-    for start in range(0, len(todo), chunk):
-        rows = evaluate_plan(cfg, data.task, data.validation, groups, todo[start : start + chunk])
-        done = pd.concat([done, rows], ignore_index=True) if len(done) else rows
-        done.to_csv(path, index=False)
+    rows = list(earlier)
+
+    def save(row: dict) -> None:
+        rows.append(row)
+        pd.DataFrame(rows).to_csv(path, index=False)
+
+    if todo:
+        evaluate_plan(cfg, data.task, data.validation, groups, todo, on_row=save)
+    done = pd.DataFrame(rows)
     wanted = {tuple(map(str, (r.learner, r.method, r.dpc, r.set_index, r.seed))) for r in plan}
     return done[[tuple(map(str, k)) in wanted for k in done[KEY].to_numpy()]]
 
@@ -132,8 +137,7 @@ def markdown(runs: pd.DataFrame, seconds: dict[str, float], command: str) -> str
 @click.option("--method", "methods", multiple=True, default=("dilm", "lm_only", "random", "k_centers", "herding"), show_default=True)
 @click.option("--dpc", "dpcs", multiple=True, type=int, help="evaluate these DPC only (default: synthesize.dpc)")
 @click.option("--learner", "learners", multiple=True, help="learner(s) to evaluate; 'all' for every platform learner")
-@click.option("--chunk", type=int, default=8, show_default=True, help="evaluation runs between saves of runs.csv")
-def main(config: str, overrides: tuple[str, ...], budget: str, methods, dpcs, learners, chunk: int) -> None:
+def main(config: str, overrides: tuple[str, ...], budget: str, methods, dpcs, learners) -> None:
     import sys
 
     from dilm_ray.evaluation.plots import accuracy_vs_dpc
@@ -154,7 +158,7 @@ def main(config: str, overrides: tuple[str, ...], budget: str, methods, dpcs, le
         with mlflow_run(cfg, tag) as run_id:
             run_stages(cfg, stages, data)
             start = time.perf_counter()
-            runs = evaluate_remaining(cfg, data, list(methods), list(dpcs) or cfg.synthesize.dpc, learner_list, out, chunk)
+            runs = evaluate_remaining(cfg, data, list(methods), list(dpcs) or cfg.synthesize.dpc, learner_list, out)
             stages.seconds[f"evaluate ({tag})"] = stages.seconds.get(f"evaluate ({tag})", 0.0) + time.perf_counter() - start
             stages.path.write_text(json.dumps(stages.seconds, indent=1))
             table = results_table(runs, reference="dilm")

@@ -1,5 +1,5 @@
-"""benchmarks/glue.py on tiny models: one pass writes the tables; a second pass resumes and
-repeats nothing."""
+"""benchmarks/glue.py on tiny models: a pass interrupted during evaluation keeps its finished
+runs; the next pass resumes, repeats nothing and writes the tables."""
 
 import io
 
@@ -9,20 +9,31 @@ from click.testing import CliRunner
 
 from tests.conftest import benchmark_script
 
+KEY = ["learner", "method", "dpc", "set_index", "seed"]
+
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("shutdown_ray_after")]
 
 
-def test_benchmark_writes_tables_and_resumes_without_repeating(tiny_overrides, tmp_path):
+def test_benchmark_writes_tables_and_resumes_without_repeating(tiny_overrides, tmp_path, monkeypatch):
+    import dilm_ray.evaluation.runner as runner
+
     bench = benchmark_script("glue")
     args = ["configs/bench/sst2.yaml", *tiny_overrides, "--budget", "smoke"]
-    first = CliRunner().invoke(bench.main, args)
-    assert first.exit_code == 0, first.output + repr(first.exception)
     out = tmp_path / "runs" / "t" / "bench-smoke"
-    runs = pd.read_csv(out / "runs.csv")
-    # 5 methods x DPC 2 x (2 sets x 1 seed); herding's single set is trained with 2 seeds
-    assert len(runs) == 10 and set(runs.method) == {"dilm", "lm_only", "random", "k_centers", "herding"}
-    table = (out / "table.md").read_text()
-    assert "| p vs k_centers | p vs random |" in table and "| pretrain |" in table
+    real_run_one, calls = runner.run_one, []
+
+    def dies_at_fourth_run(*a, **kw):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("interrupted")
+        return real_run_one(*a, **kw)
+
+    with monkeypatch.context() as patch:  # interrupted during evaluation: finished runs are on disk
+        patch.setattr(runner, "run_one", dies_at_fourth_run)
+        first = CliRunner().invoke(bench.main, [*args, "evaluate.parallel=false"])
+    assert first.exit_code != 0
+    interrupted = pd.read_csv(out / "runs.csv")
+    assert len(interrupted) == 3
 
     lost = next((tmp_path / "runs" / "t" / "distilled" / "dilm").glob("dpc*/set1/train.parquet"))
     kept = lost.parent.parent / "set0" / "train.parquet"
@@ -34,8 +45,14 @@ def test_benchmark_writes_tables_and_resumes_without_repeating(tiny_overrides, t
     assert "[pretrain] done earlier" in second.output and "[coreset] done earlier" in second.output
     assert "1 sets made, 1 kept" in second.output and kept.stat().st_mtime_ns == kept_mtime
     assert pd.read_parquet(lost).equals(pd.read_parquet(io.BytesIO(lost_text)))
-    assert "10 of 10 runs done earlier" in second.output
-    pd.testing.assert_frame_equal(pd.read_csv(out / "runs.csv"), runs)
+    assert "3 of 10 runs done earlier" in second.output
+    runs = pd.read_csv(out / "runs.csv")
+    # 5 methods x DPC 2 x (2 sets x 1 seed); herding's single set is trained with 2 seeds
+    assert len(runs) == 10 and set(runs.method) == {"dilm", "lm_only", "random", "k_centers", "herding"}
+    assert len(runs.drop_duplicates(KEY)) == 10
+    pd.testing.assert_frame_equal(runs.head(3), interrupted)  # kept, not repeated
+    table = (out / "table.md").read_text()
+    assert "| p vs k_centers | p vs random |" in table and "| pretrain |" in table
 
 
 def test_benchmark_reports_a_bad_override_in_one_line(tiny_overrides):

@@ -3,6 +3,7 @@ object store once and shared by reference; each worker process keeps its models 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -25,7 +26,7 @@ def _remote_run(cfg_dict: dict, task: TaskSpec, validation: TextSet, train: Text
     return run_one(Config.model_validate(cfg_dict), task, validation, train, run, _CACHE)
 
 
-def run_parallel(cfg: Config, task: TaskSpec, validation: TextSet, groups: dict, plan: list) -> list[dict]:
+def run_parallel(cfg: Config, task: TaskSpec, validation: TextSet, groups: dict, plan: list, on_row: Callable[[dict], None] | None = None) -> list[dict]:
     import ray
 
     from dilm_ray.ray_env import ensure_ray
@@ -40,6 +41,8 @@ def run_parallel(cfg: Config, task: TaskSpec, validation: TextSet, groups: dict,
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
-                rows[pending.pop(ref)] = ray.get(ref)
+                row = rows[pending.pop(ref)] = ray.get(ref)
+                if on_row is not None:
+                    on_row(row)
                 bar.update(1)
     return rows

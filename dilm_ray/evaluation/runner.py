@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,15 +54,28 @@ def evaluate_groups(cfg: Config, task: TaskSpec, validation: TextSet, groups: di
     return evaluate_plan(cfg, task, validation, groups, plan, parallel)
 
 
-def evaluate_plan(cfg: Config, task: TaskSpec, validation: TextSet, groups: dict[Group, list[TextSet]], plan: list[Run], parallel: bool | None = None) -> pd.DataFrame:
-    """The runs of ``plan``, as Ray tasks (``cfg.evaluate.parallel``) or one after another."""
+def evaluate_plan(
+    cfg: Config,
+    task: TaskSpec,
+    validation: TextSet,
+    groups: dict[Group, list[TextSet]],
+    plan: list[Run],
+    parallel: bool | None = None,
+    on_row: Callable[[dict], None] | None = None,
+) -> pd.DataFrame:
+    """The runs of ``plan``, as Ray tasks (``cfg.evaluate.parallel``) or one after another.
+    ``on_row`` sees each run's row as soon as it finishes (to save progress)."""
     if cfg.evaluate.parallel if parallel is None else parallel:
         from dilm_ray.evaluation.parallel import run_parallel
 
-        rows = run_parallel(cfg, task, validation, groups, plan)
+        rows = run_parallel(cfg, task, validation, groups, plan, on_row)
     else:
         cache: dict = {}
-        rows = [run_one(cfg, task, validation, groups[(r.method, r.dpc)][r.set_index], r, cache) for r in tqdm(plan, desc="evaluate")]
+        rows = []
+        for r in tqdm(plan, desc="evaluate"):
+            rows.append(run_one(cfg, task, validation, groups[(r.method, r.dpc)][r.set_index], r, cache))
+            if on_row is not None:
+                on_row(rows[-1])
     return pd.DataFrame(rows)
 
 
