@@ -151,7 +151,8 @@ def main(config: str, overrides: tuple[str, ...], budget: str, methods, dpcs, le
         check_inputs(cfg)
         data = load_data(cfg)
         learner_list = list(ALL_LEARNERS) if "all" in learners else (list(learners) or [cfg.learner.model])
-        tag = "-".join(["bench", budget, *([f"dpc{'_'.join(map(str, dpcs))}"] if dpcs else []), *(["all-learners"] if "all" in learners else [])])
+        # runs.csv is keyed by learner, so every learner selection at these DPC shares one folder
+        tag = "-".join(["bench", budget, *([f"dpc{'_'.join(map(str, dpcs))}"] if dpcs else [])])
         out = cfg.run_dir / tag
         out.mkdir(parents=True, exist_ok=True)
         stages = Stages(cfg.run_dir / "timing.json")
