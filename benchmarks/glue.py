@@ -10,7 +10,7 @@ checkpoint, and evaluation runs already in ``runs.csv`` are not repeated. Rerun 
 command after an interruption.
 
     python benchmarks/glue.py configs/bench/sst2.yaml --budget cpu
-    python benchmarks/glue.py configs/bench/sst2.yaml --budget cpu --dpc 10 --method dilm --method k_centers --learner all
+    python benchmarks/glue.py configs/bench/sst2.yaml --budget cpu --dpc 10 --method dilm --method k_centers --learner all --seeds smollm2-135m=1
 """
 
 from __future__ import annotations
@@ -78,10 +78,30 @@ def run_stages(cfg: Config, stages: Stages, data) -> None:
     stages.run("coreset", _sets_exist(cfg, list(methods)), lambda: coreset_stage(cfg, data, methods))
 
 
-def evaluate_remaining(cfg: Config, data, methods: list[str], dpcs: list[int], learners: list[str], out: Path) -> pd.DataFrame:
+def parse_seeds(specs: tuple[str, ...], learners: list[str]) -> dict[str, int]:
+    """``("smollm2-135m=1",) -> {"smollm2-135m": 1}``: seeds per distilled set for single learners."""
+    seeds = {}
+    for spec in specs:
+        name, _, raw = spec.partition("=")
+        if not raw.isdigit() or int(raw) < 1:
+            raise UserError(f"--seeds {spec}: expected LEARNER=N with N >= 1, e.g. smollm2-135m=1")
+        if name not in learners:
+            raise UserError(f"--seeds {spec}: learner '{name}' is not evaluated (learners: {', '.join(learners)})")
+        seeds[name] = int(raw)
+    return seeds
+
+
+def bench_plan(groups: dict, learners: list[str], n_sets: int, default_seeds: int, seeds: dict[str, int], seed: int) -> list:
+    """Every learner's runs; one with fewer seeds per set gets a prefix of the full plan's runs."""
+    from dilm_ray.evaluation.runner import run_plan
+
+    return [run for name in learners for run in run_plan(groups, n_sets * seeds.get(name, default_seeds), seed, [name])]
+
+
+def evaluate_remaining(cfg: Config, data, methods: list[str], dpcs: list[int], learners: list[str], seeds: dict[str, int], out: Path) -> pd.DataFrame:
     """Run the plan's runs that ``runs.csv`` does not hold yet, saving each one as it finishes."""
     from dilm_ray.data import load_file
-    from dilm_ray.evaluation.runner import evaluate_plan, run_plan
+    from dilm_ray.evaluation.runner import evaluate_plan
     from dilm_ray.pipeline import discover_sets
 
     found = discover_sets(cfg.run_dir / "distilled")
@@ -92,7 +112,7 @@ def evaluate_remaining(cfg: Config, data, methods: list[str], dpcs: list[int], l
     missing = [(m, d) for m in methods for d in dpcs if (m, d) not in groups]
     if missing:
         raise UserError(f"no distilled sets for {missing} under {cfg.run_dir / 'distilled'}")
-    plan = run_plan(groups, cfg.synthesize.n_datasets * cfg.evaluate.n_evals_per_dataset, cfg.seed, learners)
+    plan = bench_plan(groups, learners, cfg.synthesize.n_datasets, cfg.evaluate.n_evals_per_dataset, seeds, cfg.seed)
     path = out / "runs.csv"
     earlier = pd.read_csv(path).to_dict("records") if path.exists() else []
     seen = {tuple(str(row[k]) for k in KEY) for row in earlier}
@@ -137,7 +157,8 @@ def markdown(runs: pd.DataFrame, seconds: dict[str, float], command: str) -> str
 @click.option("--method", "methods", multiple=True, default=("dilm", "lm_only", "random", "k_centers", "herding"), show_default=True)
 @click.option("--dpc", "dpcs", multiple=True, type=int, help="evaluate these DPC only (default: synthesize.dpc)")
 @click.option("--learner", "learners", multiple=True, help="learner(s) to evaluate; 'all' for every platform learner")
-def main(config: str, overrides: tuple[str, ...], budget: str, methods, dpcs, learners) -> None:
+@click.option("--seeds", "seed_specs", multiple=True, metavar="LEARNER=N", help="seeds per set for one learner (default: evaluate.n_evals_per_dataset)")
+def main(config: str, overrides: tuple[str, ...], budget: str, methods, dpcs, learners, seed_specs) -> None:
     import sys
 
     from dilm_ray.evaluation.plots import accuracy_vs_dpc
@@ -147,10 +168,11 @@ def main(config: str, overrides: tuple[str, ...], budget: str, methods, dpcs, le
 
     try:
         cfg = load_config(config, [*BUDGETS[budget], *overrides])
+        learner_list = list(ALL_LEARNERS) if "all" in learners else (list(learners) or [cfg.learner.model])
+        seeds = parse_seeds(seed_specs, learner_list)
         setup_torch(cfg)
         check_inputs(cfg)
         data = load_data(cfg)
-        learner_list = list(ALL_LEARNERS) if "all" in learners else (list(learners) or [cfg.learner.model])
         # runs.csv is keyed by learner, so every learner selection at these DPC shares one folder
         tag = "-".join(["bench", budget, *([f"dpc{'_'.join(map(str, dpcs))}"] if dpcs else [])])
         out = cfg.run_dir / tag
@@ -159,12 +181,12 @@ def main(config: str, overrides: tuple[str, ...], budget: str, methods, dpcs, le
         with mlflow_run(cfg, tag) as run_id:
             run_stages(cfg, stages, data)
             start = time.perf_counter()
-            runs = evaluate_remaining(cfg, data, list(methods), list(dpcs) or cfg.synthesize.dpc, learner_list, out)
+            runs = evaluate_remaining(cfg, data, list(methods), list(dpcs) or cfg.synthesize.dpc, learner_list, seeds, out)
             stages.seconds[f"evaluate ({tag})"] = stages.seconds.get(f"evaluate ({tag})", 0.0) + time.perf_counter() - start
             stages.path.write_text(json.dumps(stages.seconds, indent=1))
             table = results_table(runs, reference="dilm")
             table.to_csv(out / "table.csv", index=False)
-            options = [f"--budget {budget}", *(f"--dpc {d}" for d in dpcs), *(f"--method {m}" for m in methods), *(f"--learner {x}" for x in learners)]
+            options = [f"--budget {budget}", *(f"--dpc {d}" for d in dpcs), *(f"--method {m}" for m in methods), *(f"--learner {x}" for x in learners), *(f"--seeds {x}" for x in seed_specs)]
             command = " ".join(["python benchmarks/glue.py", config, *overrides, *options])
             (out / "table.md").write_text(markdown(runs, stages.seconds, command))
             paths = [out / "runs.csv", out / "table.csv", out / "table.md", accuracy_vs_dpc(table, out / "accuracy_vs_dpc.png"), stages.path]
