@@ -98,6 +98,11 @@ def bench_plan(groups: dict, learners: list[str], n_sets: int, default_seeds: in
     return [run for name in learners for run in run_plan(groups, n_sets * seeds.get(name, default_seeds), seed, [name])]
 
 
+def run_key(run) -> tuple[str, ...]:
+    """A run's identity in ``runs.csv`` (values as text: the CSV reads them back as numbers)."""
+    return tuple(str(getattr(run, k)) for k in KEY)
+
+
 def evaluate_remaining(cfg: Config, data, methods: list[str], dpcs: list[int], learners: list[str], seeds: dict[str, int], out: Path) -> pd.DataFrame:
     """Run the plan's runs that ``runs.csv`` does not hold yet, saving each one as it finishes."""
     from dilm_ray.data import load_file
@@ -116,7 +121,7 @@ def evaluate_remaining(cfg: Config, data, methods: list[str], dpcs: list[int], l
     path = out / "runs.csv"
     earlier = pd.read_csv(path).to_dict("records") if path.exists() else []
     seen = {tuple(str(row[k]) for k in KEY) for row in earlier}
-    todo = [r for r in plan if tuple(map(str, (r.learner, r.method, r.dpc, r.set_index, r.seed))) not in seen]
+    todo = [r for r in plan if run_key(r) not in seen]
     click.echo(f"[evaluate] {len(plan) - len(todo)} of {len(plan)} runs done earlier")
     rows = list(earlier)
 
@@ -127,7 +132,7 @@ def evaluate_remaining(cfg: Config, data, methods: list[str], dpcs: list[int], l
     if todo:
         evaluate_plan(cfg, data.task, data.validation, groups, todo, on_row=save)
     done = pd.DataFrame(rows)
-    wanted = {tuple(map(str, (r.learner, r.method, r.dpc, r.set_index, r.seed))) for r in plan}
+    wanted = {run_key(r) for r in plan}
     return done[[tuple(map(str, k)) in wanted for k in done[KEY].to_numpy()]]
 
 
