@@ -34,6 +34,7 @@ BUDGETS = {
 }
 ALL_LEARNERS = ("minilm-l6", "smollm2-135m", "scratch-transformer", "tfidf-logreg")
 KEY = ["learner", "method", "dpc", "set_index", "seed"]
+BASELINES = ("k_centers", "random")  # the table's Welch p-values are against these
 
 
 class Stages:
@@ -136,21 +137,10 @@ def evaluate_remaining(cfg: Config, data, methods: list[str], dpcs: list[int], l
     return done[[tuple(map(str, k)) in wanted for k in done[KEY].to_numpy()]]
 
 
-def markdown(runs: pd.DataFrame, seconds: dict[str, float], command: str) -> str:
-    from dilm_ray.evaluation.stats import summarize, welch_p
+def markdown(table: pd.DataFrame, seconds: dict[str, float], command: str) -> str:
+    from dilm_ray.evaluation.runner import to_markdown
 
-    lines = [f"Produced by `{command}`", "", "| learner | DPC | method | accuracy (mean ± std, %) | runs | p vs k_centers | p vs random |",
-             "|---|---|---|---|---|---|---|"]
-    for (learner, dpc, method), part in runs.groupby(["learner", "dpc", "method"], sort=True):
-        s = summarize(part["score"].tolist())
-        cell = runs[(runs.learner == learner) & (runs.dpc == dpc)]
-        ps = []
-        for ref in ("k_centers", "random"):
-            other = cell.loc[cell.method == ref, "score"].tolist()
-            p = welch_p(part["score"].tolist(), other) if method != ref and other else float("nan")
-            ps.append("" if p != p else f"{p:.3g}")
-        lines.append(f"| {learner} | {dpc} | {method} | {100 * s['mean']:.1f} ± {100 * s['std']:.1f} | {s['runs']} | {ps[0]} | {ps[1]} |")
-    lines += ["", "| stage | wall time (min) |", "|---|---|"]
+    lines = [f"Produced by `{command}`", "", to_markdown(table), "", "| stage | wall time (min) |", "|---|---|"]
     lines += [f"| {name} | {sec / 60:.1f} |" for name, sec in seconds.items()]
     return "\n".join(lines) + "\n"
 
@@ -189,11 +179,11 @@ def main(config: str, overrides: tuple[str, ...], budget: str, methods, dpcs, le
             runs = evaluate_remaining(cfg, data, list(methods), list(dpcs) or cfg.synthesize.dpc, learner_list, seeds, out)
             stages.seconds[f"evaluate ({tag})"] = stages.seconds.get(f"evaluate ({tag})", 0.0) + time.perf_counter() - start
             stages.path.write_text(json.dumps(stages.seconds, indent=1))
-            table = results_table(runs, reference="dilm")
+            table = results_table(runs, references=BASELINES)
             table.to_csv(out / "table.csv", index=False)
             options = [f"--budget {budget}", *(f"--dpc {d}" for d in dpcs), *(f"--method {m}" for m in methods), *(f"--learner {x}" for x in learners), *(f"--seeds {x}" for x in seed_specs)]
             command = " ".join(["python benchmarks/glue.py", config, *overrides, *options])
-            (out / "table.md").write_text(markdown(runs, stages.seconds, command))
+            (out / "table.md").write_text(markdown(table, stages.seconds, command))
             paths = [out / "runs.csv", out / "table.csv", out / "table.md", accuracy_vs_dpc(table, out / "accuracy_vs_dpc.png"), stages.path]
             log_artifacts(run_id, paths, tag)
             if run_id is not None:

@@ -4,7 +4,7 @@ import torch
 
 from dilm_ray.config import EvaluateConfig, GeneratorConfig, LearnerConfig, SynthesizeConfig, load_config
 from dilm_ray.data import BUILTIN_TASKS, load_file
-from dilm_ray.evaluation.runner import evaluate_groups, results_table, run_plan
+from dilm_ray.evaluation.runner import evaluate_groups, results_table, run_plan, to_markdown
 from dilm_ray.evaluation.stats import summarize, welch_p
 from dilm_ray.evaluation.train_eval import scores, train_learner, predict
 from dilm_ray.models.generator import build_generator
@@ -58,6 +58,20 @@ def test_stats():
     assert summarize([1.0, 3.0]) == {"mean": 2.0, "std": pytest.approx(2**0.5), "runs": 2}
     assert welch_p([0.9, 0.91, 0.92], [0.5, 0.51, 0.52]) < 0.001
     assert np.isnan(welch_p([1.0], [0.5, 0.6]))
+
+
+def test_results_table_has_one_p_column_per_reference():
+    import pandas as pd
+
+    scores = {"dilm": [0.70, 0.72, 0.74], "k_centers": [0.60, 0.63, 0.61], "random": [0.58, 0.66, 0.62]}
+    runs = pd.DataFrame([{"learner": "m", "dpc": 10, "method": m, "score": v, "seconds": 1.0} for m, vs in scores.items() for v in vs])
+    table = results_table(runs, references=("k_centers", "random")).set_index("method")
+    assert table.loc["dilm", "p_vs_k_centers"] == pytest.approx(welch_p(scores["dilm"], scores["k_centers"]))
+    assert table.loc["dilm", "p_vs_random"] == pytest.approx(welch_p(scores["dilm"], scores["random"]))
+    assert np.isnan(table.loc["k_centers", "p_vs_k_centers"]) and np.isnan(table.loc["random", "p_vs_random"])
+    md = to_markdown(table.reset_index()).splitlines()
+    assert md[0].endswith("| p vs k_centers | p vs random |")
+    assert md[2] == f"| m | 10 | dilm | 72.0 ± 2.0 | 3 | {table.loc['dilm', 'p_vs_k_centers']:.3g} | {table.loc['dilm', 'p_vs_random']:.3g} |"
 
 
 def test_run_plan_gives_every_group_the_same_runs():

@@ -79,27 +79,30 @@ def evaluate_plan(
     return pd.DataFrame(rows)
 
 
-def results_table(runs: pd.DataFrame, reference: str = "dilm") -> pd.DataFrame:
-    """Mean, std and run count of the score per (learner, dpc, method), with Welch p-values of
-    ``reference`` against every other method at the same dpc and learner."""
+def results_table(runs: pd.DataFrame, references: tuple[str, ...] = ("dilm",)) -> pd.DataFrame:
+    """Mean, std and run count of the score per (learner, dpc, method), with a Welch p-value
+    column ``p_vs_<ref>`` per reference method (against every other method at that dpc and learner)."""
     rows = []
     for (learner, dpc), cell in runs.groupby(["learner", "dpc"], sort=True):
-        ref = cell.loc[cell.method == reference, "score"].tolist()
+        refs = {ref: cell.loc[cell.method == ref, "score"].tolist() for ref in references}
         for method, part in cell.groupby("method", sort=True):
-            row = {"learner": learner, "dpc": dpc, "method": method, **summarize(part["score"].tolist())}
+            scores = part["score"].tolist()
+            row = {"learner": learner, "dpc": dpc, "method": method, **summarize(scores)}
             row["mean_seconds"] = float(part["seconds"].mean())
-            row[f"p_vs_{reference}"] = welch_p(ref, part["score"].tolist()) if method != reference and ref else float("nan")
+            for ref, ref_scores in refs.items():
+                row[f"p_vs_{ref}"] = welch_p(ref_scores, scores) if method != ref and ref_scores else float("nan")
             rows.append(row)
     return pd.DataFrame(rows)
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    lines = ["| learner | DPC | method | accuracy (mean ± std, %) | runs | p vs dilm |", "|---|---|---|---|---|---|"]
-    p_col = next((c for c in table.columns if c.startswith("p_vs_")), None)
-    for r in table.itertuples(index=False):
-        p = getattr(r, p_col) if p_col else float("nan")
-        name = Path(r.learner).name if Path(r.learner).exists() else r.learner
-        lines.append(f"| {name} | {r.dpc} | {r.method} | {100 * r.mean:.1f} ± {100 * r.std:.1f} | {r.runs} | {'' if p != p else f'{p:.3g}'} |")
+    p_cols = [c for c in table.columns if c.startswith("p_vs_")]
+    lines = ["| learner | DPC | method | accuracy (mean ± std, %) | runs |" + "".join(f" p vs {c[5:]} |" for c in p_cols),
+             "|---|---|---|---|---|" + "---|" * len(p_cols)]
+    for r in table.to_dict("records"):
+        name = Path(r["learner"]).name if Path(r["learner"]).exists() else r["learner"]
+        ps = "".join(f" {'' if r[c] != r[c] else f'{r[c]:.3g}'} |" for c in p_cols)
+        lines.append(f"| {name} | {r['dpc']} | {r['method']} | {100 * r['mean']:.1f} ± {100 * r['std']:.1f} | {r['runs']} |{ps}")
     return "\n".join(lines)
 
 
