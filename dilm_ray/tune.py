@@ -160,8 +160,10 @@ def run_sweep(cfg: Config, resume: bool = False) -> str:
 
 
 def ranked_table(df: pd.DataFrame, keys: list[str], metric: str, mode: str) -> pd.DataFrame:
+    """Trials best first, with their searched values and wall time (quality per hour is the aim)."""
     cols = {f"config/{k}": k for k in keys}
     table = df[["trial_id", metric, "sets_evaluated", *cols]].rename(columns=cols)
+    table.insert(3, "minutes", df["time_total_s"] / 60)
     return table.sort_values(metric, ascending=mode == "min").reset_index(drop=True)
 
 

@@ -1,13 +1,25 @@
-"""A Tune sweep of 4 tiny trials with ASHA on a local Ray, recorded in MLflow."""
+"""Tune: the ranked trial table, and a sweep of 4 tiny trials with ASHA on a local Ray, recorded in MLflow."""
 
 
 import mlflow
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
 from dilm_ray.cli import main
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("shutdown_ray_after")]
+
+
+def test_ranked_table_orders_trials_and_reports_minutes():
+    from dilm_ray.tune import ranked_table
+
+    df = pd.DataFrame({"trial_id": ["a", "b"], "accuracy": [0.6, 0.7], "sets_evaluated": [2, 3], "time_total_s": [120.0, 300.0],
+                       "config/distill.lr": [1e-5, 3e-6], "config/distill.steps": [5, 5]})
+    table = ranked_table(df, ["distill.lr"], "accuracy", "max")
+    assert list(table.columns) == ["trial_id", "accuracy", "sets_evaluated", "minutes", "distill.lr"]
+    assert list(table.trial_id) == ["b", "a"] and list(table.minutes) == [5.0, 2.0]
+    assert list(ranked_table(df, ["distill.lr"], "accuracy", "min").trial_id) == ["a", "b"]
 
 
 def test_sweep_of_four_trials_with_asha_lands_in_mlflow(tiny_overrides, tmp_path, monkeypatch):
@@ -25,6 +37,7 @@ def test_sweep_of_four_trials_with_asha_lands_in_mlflow(tiny_overrides, tmp_path
     assert "best config:" in result.output
     ranking = [line for line in result.output.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(ranking) == 4
+    assert "| rank | trial | accuracy | sets_evaluated | minutes | distill.inner_loop | distill.gm_syn_dpc |" in result.output
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["dilm-sst2"])
     parent = runs[runs["tags.mlflow.runName"] == "sweep-tune"]
