@@ -28,6 +28,7 @@ from dilm_ray.synthesis import CORESETS, coreset, synthesize
 from dilm_ray.tracking.mlflow_store import log_artifacts
 
 LM_DIR, DILM_DIR = "generator-lm", "generator-dilm"
+CACHE_DIR = "cache"
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ def train_embeddings(cfg: Config, train: TextSet, learner) -> torch.Tensor:
     not change them). The key covers everything they depend on, and not the validation split."""
     data = cfg.data.model_dump(mode="json", exclude={"validation_split", "max_validation_samples"})
     key = hashlib.sha1(json.dumps([cfg.learner.model_dump(mode="json"), data], sort_keys=True).encode()).hexdigest()[:12]
-    path = cfg.run_dir / "cache" / f"train-embeddings-{key}.pt"
+    path = cfg.run_dir / CACHE_DIR / f"train-embeddings-{key}.pt"
     if path.is_file():
         return torch.load(path)
     embeddings = learner.embed(train, progress=True)

@@ -65,17 +65,20 @@ def run_trial(params: dict[str, Any], base_dict: dict[str, Any]) -> None:
 
     from dilm_ray.data import TextSet
     from dilm_ray.evaluation.runner import Run, run_one
-    from dilm_ray.pipeline import LM_DIR, load_data, setup_torch, synthesize_stage
+    from dilm_ray.pipeline import CACHE_DIR, LM_DIR, load_data, setup_torch, synthesize_stage
     from dilm_ray.data import load_file
     from dilm_ray.train.ray_train import fit_stage
 
     base = Config.model_validate(base_dict)
     cfg = trial_config(base, params, f"trial-{tune.get_context().get_trial_id()}")
     setup_torch(cfg)
-    lm = cfg.run_dir / LM_DIR
-    if not lm.exists():
-        lm.parent.mkdir(parents=True, exist_ok=True)
-        lm.symlink_to(base.run_dir / LM_DIR)
+    # every trial starts from the sweep's stage-1 generator and shares its train-embedding cache
+    (base.run_dir / CACHE_DIR).mkdir(parents=True, exist_ok=True)
+    for shared in (LM_DIR, CACHE_DIR):
+        link = cfg.run_dir / shared
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(base.run_dir / shared)
     fit_stage(cfg, "distill")
     data = load_data(cfg)
     written = synthesize_stage(cfg, data, "dilm")

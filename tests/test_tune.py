@@ -48,5 +48,9 @@ def test_sweep_of_four_trials_with_asha_lands_in_mlflow(tiny_overrides, tmp_path
     # the rest of each trial's resolved config is there too, not only the searched keys
     assert set(children["params.distill.steps"]) == {"2"} and set(children["params.generator.max_length"]) == {"12"}
     assert children["metrics.accuracy"].between(0, 1).all()
-    assert (tmp_path / "runs" / "sweep" / "tune" / "best.yaml").is_file()
+    sweep = tmp_path / "runs" / "sweep"
+    assert (sweep / "tune" / "best.yaml").is_file()
+    # trials embed the train rows once, into the sweep's cache
+    assert len(list((sweep / "cache").glob("train-embeddings-*.pt"))) == 1
+    assert all((trial / "cache").is_symlink() for trial in (sweep / "tune" / "trials").iterdir())
     assert list((tmp_path / "runs" / "sweep" / "tune" / "best-distilled").glob("dpc2/set*/train.parquet"))
