@@ -104,6 +104,11 @@ def run_key(run) -> tuple[str, ...]:
     return tuple(str(getattr(run, k)) for k in KEY)
 
 
+def row_key(row: dict) -> tuple[str, ...]:
+    """``run_key`` of a ``runs.csv`` row."""
+    return tuple(str(row[k]) for k in KEY)
+
+
 def evaluate_remaining(cfg: Config, data, methods: list[str], dpcs: list[int], learners: list[str], seeds: dict[str, int], out: Path) -> pd.DataFrame:
     """Run the plan's runs that ``runs.csv`` does not hold yet, saving each one as it finishes."""
     from dilm_ray.data import load_file
@@ -121,7 +126,7 @@ def evaluate_remaining(cfg: Config, data, methods: list[str], dpcs: list[int], l
     plan = bench_plan(groups, learners, cfg.synthesize.n_datasets, cfg.evaluate.n_evals_per_dataset, seeds, cfg.seed)
     path = out / "runs.csv"
     earlier = pd.read_csv(path).to_dict("records") if path.exists() else []
-    seen = {tuple(str(row[k]) for k in KEY) for row in earlier}
+    seen = {row_key(row) for row in earlier}
     todo = [r for r in plan if run_key(r) not in seen]
     click.echo(f"[evaluate] {len(plan) - len(todo)} of {len(plan)} runs done earlier")
     rows = list(earlier)
@@ -134,7 +139,7 @@ def evaluate_remaining(cfg: Config, data, methods: list[str], dpcs: list[int], l
         evaluate_plan(cfg, data.task, data.validation, groups, todo, on_row=save)
     done = pd.DataFrame(rows)
     wanted = {run_key(r) for r in plan}
-    return done[[tuple(map(str, k)) in wanted for k in done[KEY].to_numpy()]]
+    return done[[row_key(row) in wanted for row in rows]]
 
 
 def markdown(table: pd.DataFrame, seconds: dict[str, float], command: str) -> str:

@@ -8,8 +8,6 @@ from click.testing import CliRunner
 
 from dilm_ray.cli import main
 
-pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("shutdown_ray_after")]
-
 
 def test_ranked_table_orders_trials_and_reports_minutes():
     from dilm_ray.tune import ranked_table
@@ -22,6 +20,8 @@ def test_ranked_table_orders_trials_and_reports_minutes():
     assert list(ranked_table(df, ["distill.lr"], "accuracy", "min").trial_id) == ["a", "b"]
 
 
+@pytest.mark.integration
+@pytest.mark.usefixtures("shutdown_ray_after")
 def test_sweep_of_four_trials_with_asha_lands_in_mlflow(tiny_overrides, tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
