@@ -9,13 +9,19 @@ It resumes: a stage whose outputs exist is skipped, stage 1-2 continue from thei
 checkpoint, and evaluation runs already in ``runs.csv`` are not repeated. Rerun the same
 command after an interruption.
 
-    python benchmarks/glue.py configs/bench/sst2.yaml --budget cpu
+``--record DIR`` keeps the small outputs in ``DIR/<name>`` instead (``runs.csv``, tables,
+timing, and a copy of the generated sets), e.g. under version control: a fresh machine then
+resumes from the record without re-training the generators whose sets are all recorded.
+The ``smoke`` budget runs under ``<name>-smoke`` so that its tiny generators are never reused.
+
+    python benchmarks/glue.py configs/bench/sst2.yaml --budget cpu --record benchmarks/results
     python benchmarks/glue.py configs/bench/sst2.yaml --budget cpu --dpc 10 --method dilm --method k_centers --learner all --seeds smollm2-135m=1
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -35,6 +41,7 @@ BUDGETS = {
 ALL_LEARNERS = ("minilm-l6", "smollm2-135m", "scratch-transformer", "tfidf-logreg")
 KEY = ["learner", "method", "dpc", "set_index", "seed"]
 BASELINES = ("k_centers", "random")  # the table's Welch p-values are against these
+GENERATED = ("dilm", "lm_only")  # methods whose sets need the generators (hours to remake)
 
 
 class Stages:
@@ -70,13 +77,25 @@ def run_stages(cfg: Config, stages: Stages, data) -> None:
     from dilm_ray.pipeline import coreset_stage, synthesize_stage
     from dilm_ray.train.ray_train import fit_stage
 
-    run_dir = cfg.run_dir
-    stages.run("pretrain", (run_dir / "generator-lm" / "config.json").is_file(), lambda: fit_stage(cfg, "pretrain", resume=True))
-    stages.run("distill", (run_dir / "generator-dilm" / "config.json").is_file(), lambda: fit_stage(cfg, "distill", resume=True))
+    lm, dilm = (cfg.run_dir / d / "config.json" for d in ("generator-lm", "generator-dilm"))
+    # a generator is trained only if some set it feeds is missing (all may have been restored)
+    need_dilm = not _sets_exist(cfg, ["dilm"])
+    need_lm = not _sets_exist(cfg, ["lm_only"]) or (need_dilm and not dilm.is_file())
+    stages.run("pretrain", lm.is_file() or not need_lm, lambda: fit_stage(cfg, "pretrain", resume=True))
+    stages.run("distill", dilm.is_file() or not need_dilm, lambda: fit_stage(cfg, "distill", resume=True))
     stages.run("synthesize_dilm", _sets_exist(cfg, ["dilm"]), lambda: synthesize_stage(cfg, data, "dilm", resume=True))
     stages.run("synthesize_lm_only", _sets_exist(cfg, ["lm_only"]), lambda: synthesize_stage(cfg, data, "lm_only", resume=True))
     methods = ("random", "k_centers", "herding")
     stages.run("coreset", _sets_exist(cfg, list(methods)), lambda: coreset_stage(cfg, data, methods))
+
+
+def copy_missing(src: Path, dst: Path) -> None:
+    """Copy the generated sets under ``src/distilled`` to ``dst/distilled`` where ``dst`` lacks them."""
+    for path in sorted(p for m in GENERATED for p in (src / "distilled" / m).rglob("*") if p.is_file()):
+        target = dst / path.relative_to(src)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
 
 
 def parse_seeds(specs: tuple[str, ...], learners: list[str]) -> dict[str, int]:
@@ -158,7 +177,8 @@ def markdown(table: pd.DataFrame, seconds: dict[str, float], command: str) -> st
 @click.option("--dpc", "dpcs", multiple=True, type=int, help="evaluate these DPC only (default: synthesize.dpc)")
 @click.option("--learner", "learners", multiple=True, help="learner(s) to evaluate; 'all' for every platform learner")
 @click.option("--seeds", "seed_specs", multiple=True, metavar="LEARNER=N", help="seeds per set for one learner (default: evaluate.n_evals_per_dataset)")
-def main(config: str, overrides: tuple[str, ...], budget: str, methods, dpcs, learners, seed_specs) -> None:
+@click.option("--record", type=click.Path(file_okay=False, path_type=Path), help="keep runs, tables, timing and generated sets in DIR/<name>, and resume from them")
+def main(config: str, overrides: tuple[str, ...], budget: str, methods, dpcs, learners, seed_specs, record: Path | None) -> None:
     import sys
 
     from dilm_ray.evaluation.plots import accuracy_vs_dpc
@@ -168,6 +188,8 @@ def main(config: str, overrides: tuple[str, ...], budget: str, methods, dpcs, le
 
     try:
         cfg = load_config(config, [*BUDGETS[budget], *overrides])
+        if budget == "smoke":
+            cfg = cfg.model_copy(update={"name": f"{cfg.name}-smoke"})
         learner_list = list(ALL_LEARNERS) if "all" in learners else (list(learners) or [cfg.learner.model])
         seeds = parse_seeds(seed_specs, learner_list)
         setup_torch(cfg)
@@ -175,18 +197,23 @@ def main(config: str, overrides: tuple[str, ...], budget: str, methods, dpcs, le
         data = load_data(cfg)
         # runs.csv is keyed by learner, so every learner selection at these DPC shares one folder
         tag = "-".join(["bench", budget, *([f"dpc{'_'.join(map(str, dpcs))}"] if dpcs else [])])
-        out = cfg.run_dir / tag
+        root = record / cfg.name if record else cfg.run_dir
+        out = root / tag
         out.mkdir(parents=True, exist_ok=True)
-        stages = Stages(cfg.run_dir / "timing.json")
+        stages = Stages(root / "timing.json")
         with mlflow_run(cfg, tag) as run_id:
+            if record:
+                copy_missing(root, cfg.run_dir)
             run_stages(cfg, stages, data)
+            if record:
+                copy_missing(cfg.run_dir, root)
             start = time.perf_counter()
             runs = evaluate_remaining(cfg, data, list(methods), list(dpcs) or cfg.synthesize.dpc, learner_list, seeds, out)
             stages.seconds[f"evaluate ({tag})"] = stages.seconds.get(f"evaluate ({tag})", 0.0) + time.perf_counter() - start
             stages.path.write_text(json.dumps(stages.seconds, indent=1))
             table = results_table(runs, references=BASELINES)
             table.to_csv(out / "table.csv", index=False)
-            options = [f"--budget {budget}", *(f"--dpc {d}" for d in dpcs), *(f"--method {m}" for m in methods), *(f"--learner {x}" for x in learners), *(f"--seeds {x}" for x in seed_specs)]
+            options = [f"--budget {budget}", *([f"--record {record}"] if record else []), *(f"--dpc {d}" for d in dpcs), *(f"--method {m}" for m in methods), *(f"--learner {x}" for x in learners), *(f"--seeds {x}" for x in seed_specs)]
             command = " ".join(["python benchmarks/glue.py", config, *overrides, *options])
             (out / "table.md").write_text(markdown(table, stages.seconds, command))
             paths = [out / "runs.csv", out / "table.csv", out / "table.md", accuracy_vs_dpc(table, out / "accuracy_vs_dpc.png"), stages.path]

@@ -1,7 +1,9 @@
 """benchmarks/glue.py on tiny models: a pass interrupted during evaluation keeps its finished
-runs; the next pass resumes, repeats nothing and writes the tables."""
+runs; the next pass resumes, repeats nothing and writes the tables; on a fresh machine the
+record alone resumes it, without training a generator."""
 
 import io
+import shutil
 
 import pandas as pd
 import pytest
@@ -18,8 +20,9 @@ def test_benchmark_writes_tables_and_resumes_without_repeating(tiny_overrides, t
     import dilm_ray.evaluation.runner as runner
 
     bench = benchmark_script("glue")
-    args = ["configs/bench/sst2.yaml", *tiny_overrides, "--budget", "smoke"]
-    out = tmp_path / "runs" / "t" / "bench-smoke"
+    args = ["configs/bench/sst2.yaml", *tiny_overrides, "--budget", "smoke", "--record", str(tmp_path / "record")]
+    run_dir, record = tmp_path / "runs" / "t-smoke", tmp_path / "record" / "t-smoke"
+    out = record / "bench-smoke"
     real_run_one, calls = runner.run_one, []
 
     def dies_at_fourth_run(*a, **kw):
@@ -35,10 +38,11 @@ def test_benchmark_writes_tables_and_resumes_without_repeating(tiny_overrides, t
     interrupted = pd.read_csv(out / "runs.csv")
     assert len(interrupted) == 3
 
-    lost = next((tmp_path / "runs" / "t" / "distilled" / "dilm").glob("dpc*/set1/train.parquet"))
+    lost = next((run_dir / "distilled" / "dilm").glob("dpc*/set1/train.parquet"))
     kept = lost.parent.parent / "set0" / "train.parquet"
     lost_text, kept_mtime = lost.read_bytes(), kept.stat().st_mtime_ns
     lost.unlink()  # an interrupted synthesis: only the missing set is made again, identically
+    (record / lost.relative_to(run_dir)).unlink()
 
     second = CliRunner().invoke(bench.main, args)
     assert second.exit_code == 0, second.output + repr(second.exception)
@@ -53,6 +57,15 @@ def test_benchmark_writes_tables_and_resumes_without_repeating(tiny_overrides, t
     pd.testing.assert_frame_equal(runs.head(3), interrupted)  # kept, not repeated
     table = (out / "table.md").read_text()
     assert "| p vs k_centers | p vs random |" in table and "| pretrain |" in table
+
+    shutil.rmtree(run_dir)  # a fresh machine: only the record is left
+    third = CliRunner().invoke(bench.main, args)
+    assert third.exit_code == 0, third.output + repr(third.exception)
+    assert "[pretrain] done earlier" in third.output and "[distill] done earlier" in third.output
+    assert not (run_dir / "generator-lm").exists() and not (run_dir / "generator-dilm").exists()
+    assert "10 of 10 runs done earlier" in third.output
+    assert pd.read_parquet(run_dir / lost.relative_to(run_dir)).equals(pd.read_parquet(record / lost.relative_to(run_dir)))
+    pd.testing.assert_frame_equal(pd.read_csv(out / "runs.csv"), runs)
 
 
 def test_benchmark_reports_a_bad_override_in_one_line(tiny_overrides):
