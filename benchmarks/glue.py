@@ -10,8 +10,9 @@ checkpoint, and evaluation runs already in ``runs.csv`` are not repeated. Rerun 
 command after an interruption.
 
 ``--record DIR`` keeps the small outputs in ``DIR/<name>`` instead (``runs.csv``, tables,
-timing, and a copy of the generated sets), e.g. under version control: a fresh machine then
-resumes from the record without re-training the generators whose sets are all recorded.
+timing, a copy of the generated sets and the coresets' digests), e.g. under version control: a
+fresh machine then resumes from the record without re-training the generators whose sets are
+all recorded, and stops if a recomputed coreset differs from the one its runs were trained on.
 The ``smoke`` budget runs under ``<name>-smoke`` so that its tiny generators are never reused.
 
     python benchmarks/glue.py configs/bench/sst2.yaml --budget cpu --record benchmarks/results
@@ -20,6 +21,7 @@ The ``smoke`` budget runs under ``<name>-smoke`` so that its tiny generators are
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -42,6 +44,7 @@ ALL_LEARNERS = ("minilm-l6", "smollm2-135m", "scratch-transformer", "tfidf-logre
 KEY = ["learner", "method", "dpc", "set_index", "seed"]
 BASELINES = ("k_centers", "random")  # the table's Welch p-values are against these
 GENERATED = ("dilm", "lm_only")  # methods whose sets need the generators (hours to remake)
+CORESETS = ("random", "k_centers", "herding")  # real rows: recomputed, only their digests recorded
 
 
 class Stages:
@@ -85,8 +88,7 @@ def run_stages(cfg: Config, stages: Stages, data) -> None:
     stages.run("distill", dilm.is_file() or not need_dilm, lambda: fit_stage(cfg, "distill", resume=True))
     stages.run("synthesize_dilm", _sets_exist(cfg, ["dilm"]), lambda: synthesize_stage(cfg, data, "dilm", resume=True))
     stages.run("synthesize_lm_only", _sets_exist(cfg, ["lm_only"]), lambda: synthesize_stage(cfg, data, "lm_only", resume=True))
-    methods = ("random", "k_centers", "herding")
-    stages.run("coreset", _sets_exist(cfg, list(methods)), lambda: coreset_stage(cfg, data, methods))
+    stages.run("coreset", _sets_exist(cfg, list(CORESETS)), lambda: coreset_stage(cfg, data, CORESETS))
 
 
 def copy_missing(src: Path, dst: Path) -> None:
@@ -96,6 +98,25 @@ def copy_missing(src: Path, dst: Path) -> None:
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target)
+
+
+def check_coresets(run_dir: Path, record: Path) -> None:
+    """Record each coreset's SHA-256 in ``record/coresets.json``; a recomputed coreset that differs
+    from its recorded digest is an error, because its recorded runs were trained on the old one."""
+    path = record / "coresets.json"
+    digests = {
+        str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for m in CORESETS
+        for p in sorted((run_dir / "distilled" / m).glob("dpc*/set*/train.jsonl"))
+    }
+    recorded = json.loads(path.read_text()) if path.exists() else {}
+    changed = sorted(k for k in digests.keys() & recorded.keys() if digests[k] != recorded[k])
+    if changed:
+        raise UserError(
+            f"{run_dir / changed[0]} differs from the set recorded in {path} ({len(changed)} sets differ): "
+            "its recorded runs were trained on another set; remove those runs and digests from the record to redo them"
+        )
+    path.write_text(json.dumps({**recorded, **digests}, indent=1, sort_keys=True) + "\n")
 
 
 def parse_seeds(specs: tuple[str, ...], learners: list[str]) -> dict[str, int]:
@@ -207,6 +228,7 @@ def main(config: str, overrides: tuple[str, ...], budget: str, methods, dpcs, le
             run_stages(cfg, stages, data)
             if record:
                 copy_missing(cfg.run_dir, root)
+                check_coresets(cfg.run_dir, root)
             start = time.perf_counter()
             runs = evaluate_remaining(cfg, data, list(methods), list(dpcs) or cfg.synthesize.dpc, learner_list, seeds, out)
             stages.seconds[f"evaluate ({tag})"] = stages.seconds.get(f"evaluate ({tag})", 0.0) + time.perf_counter() - start

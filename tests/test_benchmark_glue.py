@@ -3,6 +3,7 @@ runs; the next pass resumes, repeats nothing and writes the tables; on a fresh m
 record alone resumes it, without training a generator."""
 
 import io
+import json
 import shutil
 
 import pandas as pd
@@ -66,6 +67,16 @@ def test_benchmark_writes_tables_and_resumes_without_repeating(tiny_overrides, t
     assert "10 of 10 runs done earlier" in third.output
     assert pd.read_parquet(run_dir / lost.relative_to(run_dir)).equals(pd.read_parquet(record / lost.relative_to(run_dir)))
     pd.testing.assert_frame_equal(pd.read_csv(out / "runs.csv"), runs)
+
+    digests = json.loads((record / "coresets.json").read_text())  # the recomputed coresets matched
+    assert len(digests) == 5 and all(k.startswith("distilled/") for k in digests)
+    key = next(k for k in digests if k.startswith("distilled/k_centers/") and "/set1/" in k)
+    digests[key] = "0" * 64  # as if the recorded runs had been trained on another set
+    (record / "coresets.json").write_text(json.dumps(digests))
+    fourth = CliRunner().invoke(bench.main, args)
+    last = fourth.output.strip().splitlines()[-1]
+    assert fourth.exit_code == 2 and "Traceback" not in fourth.output and last.startswith("error: ")
+    assert f"{key} differs from the set recorded" in last
 
 
 def test_benchmark_reports_a_bad_override_in_one_line(tiny_overrides):
