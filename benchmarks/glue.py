@@ -16,7 +16,7 @@ all recorded, and stops if a recomputed coreset differs from the one its runs we
 The ``smoke`` budget runs under ``<name>-smoke`` so that its tiny generators are never reused.
 
     python benchmarks/glue.py configs/bench/sst2.yaml --budget cpu --record benchmarks/results
-    python benchmarks/glue.py configs/bench/sst2.yaml --budget cpu --dpc 10 --method dilm --method k_centers --learner all --seeds smollm2-135m=1
+    python benchmarks/glue.py configs/bench/sst2.yaml --budget cpu --record benchmarks/results --dpc 10 --method dilm --method k_centers --learner all --seeds smollm2-135m=1
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def run_stages(cfg: Config, stages: Stages, data) -> None:
     need_lm = not _sets_exist(cfg, ["lm_only"]) or (need_dilm and not dilm.is_file())
     stages.run("pretrain", lm.is_file() or not need_lm, lambda: fit_stage(cfg, "pretrain", resume=True))
     stages.run("distill", dilm.is_file() or not need_dilm, lambda: fit_stage(cfg, "distill", resume=True))
-    stages.run("synthesize_dilm", _sets_exist(cfg, ["dilm"]), lambda: synthesize_stage(cfg, data, "dilm", resume=True))
+    stages.run("synthesize_dilm", not need_dilm, lambda: synthesize_stage(cfg, data, "dilm", resume=True))
     stages.run("synthesize_lm_only", _sets_exist(cfg, ["lm_only"]), lambda: synthesize_stage(cfg, data, "lm_only", resume=True))
     stages.run("coreset", _sets_exist(cfg, list(CORESETS)), lambda: coreset_stage(cfg, data, CORESETS))
 
