@@ -1,9 +1,12 @@
 """A stage whose driver is killed mid-run continues from its latest checkpoint with ``--resume``.
 
-The command runs in its own process group with its own embedded Ray; SIGKILL to the group takes
-down the driver, Ray and its workers at once, as a lost laptop session or head node would.
+The command runs in its own session with its own embedded Ray. The whole process tree is frozen,
+then killed, as a lost laptop session or head node would be: Ray puts its workers in their own
+process groups, so killing the driver's group alone let the Train controller and worker run on
+and register checkpoints up to the last step before they noticed.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +14,7 @@ import sys
 import tempfile
 import time
 
+import psutil
 import pytest
 
 from dilm_ray.train.state import TrainState
@@ -24,6 +28,35 @@ STEPS = 400
 def _command(tiny_overrides, *extra):
     overrides = [*tiny_overrides, f"pretrain.steps={STEPS}", "pretrain.log_every=20", "pretrain.checkpoint_every=20", "name=crash"]
     return [sys.executable, "-m", "dilm_ray.cli", "pretrain", "configs/sst2-cpu.yaml", *overrides, *extra]
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGSTOP the process and all its descendants (none reports again), then SIGKILL them."""
+    stopped: dict[int, psutil.Process] = {}
+    while True:
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            procs = []
+        new = [p for p in procs if p.pid not in stopped]
+        if not new:
+            break
+        for proc in new:
+            stopped[proc.pid] = proc
+            try:
+                proc.send_signal(signal.SIGSTOP)
+            except psutil.NoSuchProcess:
+                pass
+    for proc in stopped.values():
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _latest_step(run_dir) -> int:
+    return json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]["metrics"]["step"]
 
 
 def test_resume_after_the_driver_is_killed(tiny_overrides, tmp_path):
@@ -40,9 +73,9 @@ def test_resume_after_the_driver_is_killed(tiny_overrides, tmp_path):
             time.sleep(0.1)
         assert _registered_checkpoint(run_dir), (tmp_path / "first.log").read_text()[-2000:]
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
+        _kill_tree(first.pid)
         first.wait()
-    assert not (tmp_path / "runs" / "crash" / "generator-lm").exists(), "the first run finished before the kill"
+    assert _latest_step(run_dir) < STEPS, "the first run finished before the kill"
 
     second = subprocess.run(_command(tiny_overrides, "--resume"), env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
