@@ -40,11 +40,28 @@ def search_space(space: dict[str, SearchSpec]) -> dict[str, Any]:
 TRIAL_OWNED = ("name", "output_dir", "ray.storage_path", "tracking.enabled")
 
 
-def param_space(cfg: Config) -> dict[str, Any]:
-    """The search dimensions plus every other resolved config value as a constant, so that each
-    trial's MLflow run (params logged by ``MLflowLoggerCallback``) holds its whole config."""
-    constants = {k: v for k, v in flatten(cfg.to_dict()).items() if k not in cfg.tune.space and k not in TRIAL_OWNED and not k.startswith("tune.")}
-    return {**constants, **search_space(cfg.tune.space)}
+def trial_constants(cfg: Config) -> dict[str, Any]:
+    """Every resolved config value a trial does not search or set for itself. Each trial's MLflow
+    run logs them beside its searched values, so it holds its whole config; they stay out of
+    Tune's ``param_space``, whose every key Tune prints in its progress lines."""
+    return {k: v for k, v in flatten(cfg.to_dict()).items() if k not in cfg.tune.space and k not in TRIAL_OWNED and not k.startswith("tune.")}
+
+
+def mlflow_callback(cfg: Config, parent: str):
+    """``MLflowLoggerCallback`` (one child run per trial, closed by the driver even when ASHA
+    stops the trial) that also logs the trial's constants."""
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    from dilm_ray.tracking.mlflow_store import experiment_name, tracking_uri
+
+    constants = trial_constants(cfg)
+
+    class FullConfigCallback(MLflowLoggerCallback):
+        def log_trial_start(self, trial) -> None:
+            super().log_trial_start(trial)
+            self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=constants)
+
+    return FullConfigCallback(tracking_uri=tracking_uri(cfg), experiment_name=experiment_name(cfg), tags={"mlflow.parentRunId": parent}, save_artifact=False)
 
 
 def trial_config(base: Config, params: dict[str, Any], trial_name: str) -> Config:
@@ -99,12 +116,11 @@ def run_sweep(cfg: Config, resume: bool = False) -> str:
     the best trial's distilled sets to ``<run_dir>/tune/best-distilled``."""
     import ray
     from ray import tune
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from dilm_ray.pipeline import LM_DIR, check_inputs, pretrain_stage
     from dilm_ray.ray_env import ensure_ray
-    from dilm_ray.tracking.mlflow_store import experiment_name, log_artifacts, mlflow_run, tracking_uri
+    from dilm_ray.tracking.mlflow_store import log_artifacts, mlflow_run
 
     if not cfg.tune.space:
         raise UserError("tune.space is empty: add at least one dimension, e.g. distill.inner_loop: {type: grid, values: [5, 10]}")
@@ -122,11 +138,7 @@ def run_sweep(cfg: Config, resume: bool = False) -> str:
             if cfg.tune.scheduler == "asha"
             else FIFOScheduler()
         )
-        callbacks = []
-        if parent is not None:
-            callbacks.append(
-                MLflowLoggerCallback(tracking_uri=tracking_uri(cfg), experiment_name=experiment_name(cfg), tags={"mlflow.parentRunId": parent}, save_artifact=False)
-            )
+        callbacks = [mlflow_callback(cfg, parent)] if parent is not None else []
         trainable = tune.with_resources(tune.with_parameters(run_trial, base_dict=cfg.to_dict()), {"cpu": cfg.tune.cpus_per_trial})
         path = storage / name
         if resume and tune.Tuner.can_restore(str(path)):
@@ -135,7 +147,7 @@ def run_sweep(cfg: Config, resume: bool = False) -> str:
             shutil.rmtree(path, ignore_errors=True)
             tuner = tune.Tuner(
                 trainable,
-                param_space=param_space(cfg),
+                param_space=search_space(cfg.tune.space),
                 tune_config=tune.TuneConfig(
                     metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler, num_samples=cfg.tune.num_samples,
                     max_concurrent_trials=cfg.tune.max_concurrent_trials,

@@ -35,6 +35,8 @@ def test_sweep_of_four_trials_with_asha_lands_in_mlflow(tiny_overrides, tmp_path
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "best config:" in result.output
+    # Tune prints every param_space key in its progress lines: only the searched ones belong there
+    assert "generator.max_length" not in result.output
     ranking = [line for line in result.output.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(ranking) == 4
     assert "| rank | trial | accuracy | sets_evaluated | minutes | distill.inner_loop | distill.gm_syn_dpc |" in result.output
