@@ -53,11 +53,12 @@ def main(config: str, overrides: tuple[str, ...], learner_name: str, set_paths: 
         data = load_data(cfg, need_validation=False)
         held = held_out_rows(load_split(cfg.data, data.task, cfg.data.train_split), data.train, held_out, cfg.seed)
         sets = {path: load_file(Path(path), data.task) for path in set_paths}
+        learner = build(learner_name, cfg, data.task, cfg.seed)
+        if learner is None:
+            raise UserError(f"{learner_name} has no features to probe")
         click.echo(f"| pooling | set | rows | held-out accuracy % ({held_out} real train rows) |\n|---|---|---|---|")
         for pooling in poolings:
-            learner = build(learner_name, load_config(config, [*overrides, f"learner.pooling={pooling}"]), data.task, cfg.seed)
-            if learner is None:
-                raise UserError(f"{learner_name} has no features to probe")
+            learner.model.pooling = pooling  # the rule is read at each forward: one model for all rules
             features = learner.embed(held).numpy()
             for path, train in sets.items():
                 clf = LogisticRegression(max_iter=5000).fit(learner.embed(train).numpy(), train.labels)
