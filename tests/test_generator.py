@@ -175,3 +175,24 @@ def test_pretraining_learns_label_conditioned_text(tiny_lm_dir, toy_data_dir):
         words = [gen.tokenizer.decode([t]).strip() for s in gen.sample(label, 30, cfg, rng) for t in s]
         pos_rate.append(sum(w in POS for w in words) / max(1, len(words)))
     assert pos_rate[1] > pos_rate[0] + 0.05
+
+
+def test_samples_never_contain_prompt_tokens_even_when_the_lm_favours_them(tiny_lm_dir):
+    """With tied embeddings ``<sep>`` starts with BOS's logit; an LM that writes BOS where the
+    separator belongs must still give samples without BOS or any ``<bos_i>``."""
+    gen = build_generator(GeneratorConfig(model=str(tiny_lm_dir), max_length=12, top_k=50, top_p=1.0), MNLI)
+    favoured = [*gen.prefix, *gen.bos_ids]
+    with torch.no_grad():
+        head = gen.model.get_output_embeddings().weight
+        head[favoured] = head[favoured] * 50  # these tokens now win almost every step
+    samples = gen.sample(0, 16, GeneratorConfig(max_length=12, top_k=50, top_p=1.0), torch.Generator().manual_seed(0))
+    assert samples and not {t for s in samples for t in s} & set(favoured)
+
+
+def test_banned_tokens_depend_on_the_task_and_never_include_eos(tiny_lm_dir):
+    single = build_generator(GeneratorConfig(model=str(tiny_lm_dir), max_length=12), SST2)
+    pair = build_generator(GeneratorConfig(model=str(tiny_lm_dir), max_length=12), MNLI)
+    assert set(single.banned_ids) == {*single.prefix, *single.bos_ids, single.sep_id}
+    assert set(pair.banned_ids) == {*pair.prefix, *pair.bos_ids}  # pairs need <sep>
+    gpt2_like = dataclasses.replace(pair, prefix=(pair.eos_id,))  # BOS is EOS in GPT-2
+    assert pair.eos_id not in gpt2_like.banned_ids
