@@ -76,19 +76,24 @@ def _sets_exist(cfg: Config, methods: list[str]) -> bool:
     )
 
 
-def run_stages(cfg: Config, stages: Stages, data) -> None:
+def run_stages(cfg: Config, stages: Stages, data, methods: list[str]) -> None:
+    """Make the sets of ``methods`` that are missing; a generator is trained only if one of those needs it."""
     from dilm_ray.pipeline import coreset_stage, synthesize_stage
     from dilm_ray.train.ray_train import fit_stage
 
     lm, dilm = (cfg.run_dir / d / "config.json" for d in ("generator-lm", "generator-dilm"))
-    # a generator is trained only if some set it feeds is missing (all may have been restored)
-    need_dilm = not _sets_exist(cfg, ["dilm"])
-    need_lm = not _sets_exist(cfg, ["lm_only"]) or (need_dilm and not dilm.is_file())
+    need_dilm = "dilm" in methods and not _sets_exist(cfg, ["dilm"])
+    need_lm_only = "lm_only" in methods and not _sets_exist(cfg, ["lm_only"])
+    need_lm = need_lm_only or (need_dilm and not dilm.is_file())
+    coresets = [m for m in CORESETS if m in methods]
     stages.run("pretrain", lm.is_file() or not need_lm, lambda: fit_stage(cfg, "pretrain", resume=True))
     stages.run("distill", dilm.is_file() or not need_dilm, lambda: fit_stage(cfg, "distill", resume=True))
-    stages.run("synthesize_dilm", not need_dilm, lambda: synthesize_stage(cfg, data, "dilm", resume=True))
-    stages.run("synthesize_lm_only", _sets_exist(cfg, ["lm_only"]), lambda: synthesize_stage(cfg, data, "lm_only", resume=True))
-    stages.run("coreset", _sets_exist(cfg, list(CORESETS)), lambda: coreset_stage(cfg, data, CORESETS))
+    if "dilm" in methods:
+        stages.run("synthesize_dilm", not need_dilm, lambda: synthesize_stage(cfg, data, "dilm", resume=True))
+    if "lm_only" in methods:
+        stages.run("synthesize_lm_only", not need_lm_only, lambda: synthesize_stage(cfg, data, "lm_only", resume=True))
+    if coresets:
+        stages.run("coreset", _sets_exist(cfg, coresets), lambda: coreset_stage(cfg, data, tuple(coresets)))
 
 
 def copy_missing(src: Path, dst: Path) -> None:
@@ -225,7 +230,7 @@ def main(config: str, overrides: tuple[str, ...], budget: str, methods, dpcs, le
         with mlflow_run(cfg, tag) as run_id:
             if record:
                 copy_missing(root, cfg.run_dir)
-            run_stages(cfg, stages, data)
+            run_stages(cfg, stages, data, list(methods))
             if record:
                 copy_missing(cfg.run_dir, root)
                 check_coresets(cfg.run_dir, root)

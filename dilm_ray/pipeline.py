@@ -114,9 +114,9 @@ def synthesize_stage(cfg: Config, data: TaskData, method: str = "dilm", run_id: 
     for dpc in cfg.synthesize.dpc:
         written[dpc] = [set_dir(cfg, method, dpc, i) / "train.parquet" for i in range(cfg.synthesize.n_datasets)]
         todo = [i for i, path in enumerate(written[dpc]) if not (resume and path.is_file())]
-        sets, dropped = synthesize(gen, learner, cfg.synthesize, cfg.generator, dpc, cfg.seed, indices=todo)
-        for i, s in zip(todo, sets):
-            s.save(set_dir(cfg, method, dpc, i))
+        sets, dropped = synthesize(
+            gen, learner, cfg.synthesize, cfg.generator, dpc, cfg.seed, indices=todo, on_set=lambda i, s: s.save(set_dir(cfg, method, dpc, i))
+        )
         print(f"{method} dpc={dpc}: {len(sets)} sets made, {len(written[dpc]) - len(todo)} kept, {dropped} malformed samples dropped and regenerated")
         previews.append(preview(load_file(written[dpc][0], data.task), data.task, f"{method}, DPC {dpc}, set 0"))
     preview_path = cfg.run_dir / "distilled" / method / "preview.md"

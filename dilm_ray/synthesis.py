@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -41,11 +41,12 @@ def coreset(train: TextSet, embeddings: torch.Tensor, dpc: int, method: str, see
 
 def synthesize(
     gen: Generator, learner: Learner, cfg: SynthesizeConfig, gen_cfg: GeneratorConfig, dpc: int, seed: int,
-    indices: Sequence[int] | None = None, progress: bool = True,
+    indices: Sequence[int] | None = None, progress: bool = True, on_set: Callable[[int, TextSet], None] | None = None,
 ) -> tuple[list[TextSet], int]:
     """Sets ``indices`` (default: all ``cfg.n_datasets``): generate dpc x over_sample_ratio per
     class, keep dpc by K-centers (or at random) on learner embeddings. Each set draws from its own
-    seed, so set i is the same whether or not the others are made. Returns (sets, malformed
+    seed, so set i is the same whether or not the others are made. ``on_set(i, set)`` runs as each
+    set is made (to save it before the next: a set can take minutes). Returns (sets, malformed
     samples dropped)."""
     sets, dropped = [], 0
     for i in tqdm(range(cfg.n_datasets) if indices is None else indices, desc=f"synthesize dpc={dpc}", disable=not progress):
@@ -53,4 +54,6 @@ def synthesize(
         pool, d = gen.generate_all(dpc * cfg.over_sample_ratio, gen_cfg, rng, cfg.max_attempts)
         dropped += d
         sets.append(coreset(pool, learner.embed(pool), dpc, cfg.select, seed=i))
+        if on_set:
+            on_set(i, sets[-1])
     return sets, dropped

@@ -79,6 +79,16 @@ def test_benchmark_writes_tables_and_resumes_without_repeating(tiny_overrides, t
     assert f"{key} differs from the set recorded" in last
 
 
+def test_benchmark_makes_only_the_sets_of_the_requested_methods(tiny_overrides, tmp_path):
+    args = ["configs/bench/sst2.yaml", *tiny_overrides, "--budget", "smoke", "--method", "dilm", "--method", "random"]
+    result = CliRunner().invoke(benchmark_script("glue").main, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "[synthesize_lm_only]" not in result.output
+    distilled = tmp_path / "runs" / "t-smoke" / "distilled"
+    assert sorted(p.name for p in distilled.iterdir() if p.is_dir()) == ["dilm", "random"]
+    assert set(pd.read_csv(tmp_path / "runs" / "t-smoke" / "bench-smoke" / "runs.csv").method) == {"dilm", "random"}
+
+
 def test_benchmark_reports_a_bad_override_in_one_line(tiny_overrides):
     result = CliRunner().invoke(benchmark_script("glue").main, ["configs/bench/sst2.yaml", *tiny_overrides, "distill.bogus=1"])
     assert result.exit_code == 2 and result.output.startswith("error: ") and result.output.count("\n") == 1

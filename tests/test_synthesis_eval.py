@@ -29,6 +29,24 @@ def test_synthesize_writes_dpc_per_class_sets(tiny_lm_dir, tiny_bert_dir, tmp_pa
     assert again.texts == sets[1].texts
 
 
+def test_each_set_is_handed_over_before_the_next_is_made(tiny_lm_dir, tiny_bert_dir, monkeypatch):
+    """An interruption during set 1 must not lose set 0 (MNLI sets take ~1-2 min each here)."""
+    gen = build_generator(GeneratorConfig(model=str(tiny_lm_dir), max_length=10), SST2)
+    learner = build_learner(LearnerConfig(model=str(tiny_bert_dir), max_length=16), 2, seed=0)
+    real_generate, saved = gen.generate_all, []
+
+    def dies_on_second_pool(*args):
+        if saved:
+            raise KeyboardInterrupt
+        return real_generate(*args)
+
+    monkeypatch.setattr(gen, "generate_all", dies_on_second_pool)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(gen, learner, SynthesizeConfig(n_datasets=2, over_sample_ratio=3), GeneratorConfig(max_length=10), dpc=3, seed=0,
+                   progress=False, on_set=lambda i, s: saved.append((i, s)))
+    assert [i for i, _ in saved] == [0] and saved[0][1].counts(2) == [3, 3]
+
+
 def test_coreset_methods_pick_per_class():
     emb = torch.tensor([[0.0], [1.0], [2.0], [10.0], [11.0], [12.0]])
     labels = np.array([0, 0, 0, 1, 1, 1])
