@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,8 +77,9 @@ class Generator:
         """Tokens that never occur inside a sample: the prompt tokens, and ``<sep>`` in single-text tasks.
 
         New tokens start as copies of existing rows, and only the label rows train, so with tied
-        embeddings ``<sep>`` and the BOS it was copied from keep equal logits: unbanned, SmolLM2's
-        MNLI generator wrote BOS where ``<sep>`` belongs in ~60% of its pairs.
+        embeddings ``<sep>`` and the BOS it was copied from keep equal logits. Measured on the MNLI
+        stage-1 generator (192 samples): 60% of the pairs malformed, most with BOS for ``<sep>``;
+        14% with these tokens banned.
         """
         banned = {*self.prefix, *self.bos_ids} | (set() if self.task.is_pair else {self.sep_id})
         return sorted(banned - {self.eos_id})  # GPT-2's BOS is its EOS
@@ -171,7 +173,7 @@ def sample_tokens(
     temperature: float,
     eos_id: int,
     rng: torch.Generator,
-    banned: list[int] = (),
+    banned: Sequence[int] = (),
 ) -> list[list[int]]:
     """Sample continuations with the KV cache; sequences stop at EOS (excluded from the output).
     ``banned`` tokens are never sampled.
