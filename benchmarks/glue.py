@@ -187,10 +187,10 @@ def evaluate_remaining(cfg: Config, data, methods: list[str], dpcs: list[int], l
     return done[[row_key(row) in wanted for row in rows]]
 
 
-def markdown(table: pd.DataFrame, seconds: dict[str, float], command: str) -> str:
+def markdown(table: pd.DataFrame, seconds: dict[str, float], command: str, score_name: str) -> str:
     from dilm_ray.evaluation.runner import to_markdown
 
-    lines = [f"Produced by `{command}`", "", to_markdown(table), "", "| stage | wall time (min) |", "|---|---|"]
+    lines = [f"Produced by `{command}`", "", to_markdown(table, score_name), "", "| stage | wall time (min) |", "|---|---|"]
     lines += [f"| {name} | {sec / 60:.1f} |" for name, sec in seconds.items()]
     return "\n".join(lines) + "\n"
 
@@ -242,8 +242,8 @@ def main(config: str, overrides: tuple[str, ...], budget: str, methods, dpcs, le
             table.to_csv(out / "table.csv", index=False)
             options = [f"--budget {budget}", *([f"--record {record}"] if record else []), *(f"--dpc {d}" for d in dpcs), *(f"--method {m}" for m in methods), *(f"--learner {x}" for x in learners), *(f"--seeds {x}" for x in seed_specs)]
             command = " ".join(["python benchmarks/glue.py", config, *overrides, *options])
-            (out / "table.md").write_text(markdown(table, stages.seconds, command))
-            paths = [out / "runs.csv", out / "table.csv", out / "table.md", accuracy_vs_dpc(table, out / "accuracy_vs_dpc.png"), stages.path]
+            (out / "table.md").write_text(markdown(table, stages.seconds, command, data.task.score_name))
+            paths = [out / "runs.csv", out / "table.csv", out / "table.md", accuracy_vs_dpc(table, out / "accuracy_vs_dpc.png", data.task.score_name), stages.path]
             log_artifacts(run_id, paths, tag)
             if run_id is not None:
                 import mlflow

@@ -152,9 +152,9 @@ def evaluate(cfg: Config, learners: tuple[str, ...], data_path: str | None) -> N
     with mlflow_run(cfg, "evaluate") as run_id:
         runs = evaluate_groups(cfg, data.task, data.validation, groups, list(learners) or None)
         table = results_table(runs)
-        log_artifacts(run_id, write_results(runs, table, cfg.run_dir / "results"), "results")
+        log_artifacts(run_id, write_results(runs, table, cfg.run_dir / "results", data.task.score_name), "results")
         log_evaluation_runs(run_id, runs)
-    click.echo(to_markdown(table))
+    click.echo(to_markdown(table, data.task.score_name))
 
 
 @main.command()

@@ -54,7 +54,7 @@ def run_pipeline(cfg: Config) -> str:
             groups = {g: [load_file(p, data.task) for p in paths] for g, paths in found.items()}
             runs = evaluate_groups(cfg, data.task, data.validation, groups)
             table = results_table(runs)
-            paths = write_results(runs, table, cfg.run_dir / "results")
+            paths = write_results(runs, table, cfg.run_dir / "results", data.task.score_name)
             log_evaluation_runs(run_id, runs)
         timing = "\n".join(f"- {stage}: {sec:.0f} s" for stage, sec in timer.seconds.items())
         (cfg.run_dir / "results" / "timing.md").write_text(timing + "\n")
@@ -65,4 +65,4 @@ def run_pipeline(cfg: Config) -> str:
             mlflow.log_metrics({f"seconds.{k}": v for k, v in timer.seconds.items()})
             curves = training_curves_png(run_id, cfg.run_dir / "results" / "training_curves.png")
             log_artifacts(run_id, [curves] if curves else [], "results")
-    return f"{to_markdown(table)}\n\nwall time per stage:\n{timing}"
+    return f"{to_markdown(table, data.task.score_name)}\n\nwall time per stage:\n{timing}"

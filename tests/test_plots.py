@@ -40,6 +40,7 @@ def test_accuracy_vs_dpc_from_results_table(tmp_path):
     dilm = table[(table.learner == "minilm-l6") & (table.method == "dilm")].sort_values("dpc")
     line = next(c for c in ax.containers if c.get_label() == "dilm").lines[0]
     assert np.allclose(line.get_ydata(), 100 * dilm["mean"].to_numpy())
+    assert accuracy_figure(table, score_name="mean of accuracy and F1").axes[0].get_ylabel() == "mean of accuracy and F1 (%)"
     path = accuracy_vs_dpc(table, tmp_path / "sub" / "acc.png")
     assert path == tmp_path / "sub" / "acc.png"
     _png_ok(path)

@@ -92,6 +92,16 @@ def test_results_table_has_one_p_column_per_reference():
     assert md[2] == f"| m | 10 | dilm | 72.0 ± 2.0 | 3 | {table.loc['dilm', 'p_vs_k_centers']:.3g} | {table.loc['dilm', 'p_vs_random']:.3g} |"
 
 
+def test_table_header_names_the_task_score():
+    """QQP's score is the mean of accuracy and F1 (GLUE); its tables must not call it accuracy."""
+    import pandas as pd
+
+    runs = pd.DataFrame([{"learner": "m", "dpc": 5, "method": "dilm", "score": 0.5, "seconds": 1.0}])
+    table = results_table(runs, references=())
+    assert to_markdown(table, BUILTIN_TASKS["qqp"].score_name).startswith("| learner | DPC | method | mean of accuracy and F1 (mean ± std, %) |")
+    assert to_markdown(table, BUILTIN_TASKS["sst2"].score_name).startswith("| learner | DPC | method | accuracy (mean ± std, %) |")
+
+
 def test_run_plan_gives_every_group_the_same_runs():
     groups = {("dilm", 5): ["a", "b"], ("herding", 5): ["h"]}
     plan = run_plan(groups, 4, seed=10, learners=["x", "y"])

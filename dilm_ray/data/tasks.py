@@ -27,6 +27,11 @@ class TaskSpec:
     def is_pair(self) -> bool:
         return len(self.text_columns) == 2
 
+    @property
+    def score_name(self) -> str:
+        """What a results table's score is, for its column header and plot axis."""
+        return "accuracy" if self.metric == "accuracy" else "mean of accuracy and F1"
+
 
 BUILTIN_TASKS: dict[str, TaskSpec] = {
     "sst2": TaskSpec("sst2", ("sentence",), ("negative", "positive"), hub_path="nyu-mll/glue", hub_name="sst2"),

@@ -36,8 +36,8 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def accuracy_figure(table: pd.DataFrame, reference: str = REFERENCE) -> Figure:
-    """Mean accuracy (%) vs DPC with std error bars: one subplot per learner, one line per method."""
+def accuracy_figure(table: pd.DataFrame, reference: str = REFERENCE, score_name: str = "accuracy") -> Figure:
+    """Mean score (%, ``score_name``) vs DPC with std error bars: one subplot per learner, one line per method."""
     missing = {"learner", "dpc", "method", "mean", "std"} - set(table.columns)
     if missing:
         raise ValueError(f"results table lacks columns {sorted(missing)}")
@@ -71,7 +71,7 @@ def accuracy_figure(table: pd.DataFrame, reference: str = REFERENCE) -> Figure:
         ax.set_xlim(-0.5, len(dpcs) - 0.5)
         ax.set_title(_short(learner), fontsize=10)
         ax.set_xlabel("data per class (DPC)")
-        ax.set_ylabel("accuracy (%)")
+        ax.set_ylabel(f"{score_name} (%)")
         ax.grid(alpha=0.3)
     handles, labels = [], []
     for ax in axes:  # one legend for the figure, every method once
@@ -80,14 +80,14 @@ def accuracy_figure(table: pd.DataFrame, reference: str = REFERENCE) -> Figure:
                 handles.append(h)
                 labels.append(lab)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False)
-    fig.suptitle("Accuracy of learners trained on distilled sets (mean ± std over runs)")
+    fig.suptitle(f"{score_name.capitalize()} of learners trained on distilled sets (mean ± std over runs)")
     fig.tight_layout(rect=(0, 0.08, 1, 0.95))
     return fig
 
 
-def accuracy_vs_dpc(table: pd.DataFrame, path: Path) -> Path:
+def accuracy_vs_dpc(table: pd.DataFrame, path: Path, score_name: str = "accuracy") -> Path:
     """Save ``accuracy_figure`` of a ``results_table`` (learner, dpc, method, mean, std, runs) as PNG."""
-    return _save(accuracy_figure(table), path)
+    return _save(accuracy_figure(table, score_name=score_name), path)
 
 
 def curves_figure(history: dict[str, list[tuple[int, float]]], title: str) -> Figure:

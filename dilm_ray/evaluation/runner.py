@@ -95,9 +95,10 @@ def results_table(runs: pd.DataFrame, references: tuple[str, ...] = ("dilm",)) -
     return pd.DataFrame(rows)
 
 
-def to_markdown(table: pd.DataFrame) -> str:
+def to_markdown(table: pd.DataFrame, score_name: str = "accuracy") -> str:
+    """``score_name`` heads the score column (``TaskSpec.score_name``: QQP's score is not accuracy)."""
     p_cols = [c for c in table.columns if c.startswith("p_vs_")]
-    lines = ["| learner | DPC | method | accuracy (mean ± std, %) | runs |" + "".join(f" p vs {c[5:]} |" for c in p_cols),
+    lines = [f"| learner | DPC | method | {score_name} (mean ± std, %) | runs |" + "".join(f" p vs {c[5:]} |" for c in p_cols),
              "|---|---|---|---|---|" + "---|" * len(p_cols)]
     for r in table.to_dict("records"):
         name = Path(r["learner"]).name if Path(r["learner"]).exists() else r["learner"]
@@ -106,7 +107,7 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def write_results(runs: pd.DataFrame, table: pd.DataFrame, out_dir: Path) -> list[Path]:
+def write_results(runs: pd.DataFrame, table: pd.DataFrame, out_dir: Path, score_name: str = "accuracy") -> list[Path]:
     """runs.csv, table.csv, table.md and accuracy_vs_dpc.png."""
     from dilm_ray.evaluation.plots import accuracy_vs_dpc
 
@@ -114,6 +115,6 @@ def write_results(runs: pd.DataFrame, table: pd.DataFrame, out_dir: Path) -> lis
     paths = [out_dir / "runs.csv", out_dir / "table.csv", out_dir / "table.md"]
     runs.to_csv(paths[0], index=False)
     table.to_csv(paths[1], index=False)
-    paths[2].write_text(to_markdown(table) + "\n")
-    paths.append(accuracy_vs_dpc(table, out_dir / "accuracy_vs_dpc.png"))
+    paths[2].write_text(to_markdown(table, score_name) + "\n")
+    paths.append(accuracy_vs_dpc(table, out_dir / "accuracy_vs_dpc.png", score_name))
     return paths
