@@ -28,7 +28,7 @@ def _png_ok(path) -> tuple[int, int]:
 
 def test_accuracy_vs_dpc_from_results_table(tmp_path):
     table = results_table(_runs())
-    fig = accuracy_figure(table)
+    fig = accuracy_figure(table, "accuracy")
     assert len(fig.axes) == 2  # one subplot per learner
     ax = next(a for a in fig.axes if a.get_title() == "minilm-l6")
     assert [t.get_text() for t in ax.get_xticklabels()] == ["5", "10", "20"]
@@ -40,19 +40,19 @@ def test_accuracy_vs_dpc_from_results_table(tmp_path):
     dilm = table[(table.learner == "minilm-l6") & (table.method == "dilm")].sort_values("dpc")
     line = next(c for c in ax.containers if c.get_label() == "dilm").lines[0]
     assert np.allclose(line.get_ydata(), 100 * dilm["mean"].to_numpy())
-    assert accuracy_figure(table, score_name="mean of accuracy and F1").axes[0].get_ylabel() == "mean of accuracy and F1 (%)"
-    path = accuracy_vs_dpc(table, tmp_path / "sub" / "acc.png")
+    assert accuracy_figure(table, "mean of accuracy and F1").axes[0].get_ylabel() == "mean of accuracy and F1 (%)"
+    path = accuracy_vs_dpc(table, tmp_path / "sub" / "acc.png", "accuracy")
     assert path == tmp_path / "sub" / "acc.png"
     _png_ok(path)
 
 
 def test_accuracy_vs_dpc_many_learners_and_bad_input(tmp_path):
     runs = pd.concat([_runs().assign(learner=f"l{i}") for i in range(4)])
-    assert len(accuracy_figure(results_table(runs)).axes) == 4  # 2x3 grid with the unused cells removed
+    assert len(accuracy_figure(results_table(runs), "accuracy").axes) == 4  # 2x3 grid with the unused cells removed
     with pytest.raises(ValueError):
-        accuracy_figure(pd.DataFrame(columns=["learner", "dpc", "method", "mean", "std", "runs"]))
+        accuracy_figure(pd.DataFrame(columns=["learner", "dpc", "method", "mean", "std", "runs"]), "accuracy")
     with pytest.raises(ValueError):
-        accuracy_figure(pd.DataFrame({"learner": ["a"]}))
+        accuracy_figure(pd.DataFrame({"learner": ["a"]}), "accuracy")
 
 
 def test_training_curves(tmp_path):

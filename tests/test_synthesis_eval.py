@@ -87,7 +87,7 @@ def test_results_table_has_one_p_column_per_reference():
     assert table.loc["dilm", "p_vs_k_centers"] == pytest.approx(welch_p(scores["dilm"], scores["k_centers"]))
     assert table.loc["dilm", "p_vs_random"] == pytest.approx(welch_p(scores["dilm"], scores["random"]))
     assert np.isnan(table.loc["k_centers", "p_vs_k_centers"]) and np.isnan(table.loc["random", "p_vs_random"])
-    md = to_markdown(table.reset_index()).splitlines()
+    md = to_markdown(table.reset_index(), "accuracy").splitlines()
     assert md[0].endswith("| p vs k_centers | p vs random |")
     assert md[2] == f"| m | 10 | dilm | 72.0 ± 2.0 | 3 | {table.loc['dilm', 'p_vs_k_centers']:.3g} | {table.loc['dilm', 'p_vs_random']:.3g} |"
 

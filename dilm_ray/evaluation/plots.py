@@ -36,7 +36,7 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def accuracy_figure(table: pd.DataFrame, reference: str = REFERENCE, score_name: str = "accuracy") -> Figure:
+def accuracy_figure(table: pd.DataFrame, score_name: str, reference: str = REFERENCE) -> Figure:
     """Mean score (%, ``score_name``) vs DPC with std error bars: one subplot per learner, one line per method."""
     missing = {"learner", "dpc", "method", "mean", "std"} - set(table.columns)
     if missing:
@@ -85,9 +85,9 @@ def accuracy_figure(table: pd.DataFrame, reference: str = REFERENCE, score_name:
     return fig
 
 
-def accuracy_vs_dpc(table: pd.DataFrame, path: Path, score_name: str = "accuracy") -> Path:
+def accuracy_vs_dpc(table: pd.DataFrame, path: Path, score_name: str) -> Path:
     """Save ``accuracy_figure`` of a ``results_table`` (learner, dpc, method, mean, std, runs) as PNG."""
-    return _save(accuracy_figure(table, score_name=score_name), path)
+    return _save(accuracy_figure(table, score_name), path)
 
 
 def curves_figure(history: dict[str, list[tuple[int, float]]], title: str) -> Figure:

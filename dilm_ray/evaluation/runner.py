@@ -95,8 +95,8 @@ def results_table(runs: pd.DataFrame, references: tuple[str, ...] = ("dilm",)) -
     return pd.DataFrame(rows)
 
 
-def to_markdown(table: pd.DataFrame, score_name: str = "accuracy") -> str:
-    """``score_name`` heads the score column (``TaskSpec.score_name``: QQP's score is not accuracy)."""
+def to_markdown(table: pd.DataFrame, score_name: str) -> str:
+    """``score_name`` (``TaskSpec.score_name``) heads the score column; no default, as QQP's score is not accuracy."""
     p_cols = [c for c in table.columns if c.startswith("p_vs_")]
     lines = [f"| learner | DPC | method | {score_name} (mean ± std, %) | runs |" + "".join(f" p vs {c[5:]} |" for c in p_cols),
              "|---|---|---|---|---|" + "---|" * len(p_cols)]
@@ -107,7 +107,7 @@ def to_markdown(table: pd.DataFrame, score_name: str = "accuracy") -> str:
     return "\n".join(lines)
 
 
-def write_results(runs: pd.DataFrame, table: pd.DataFrame, out_dir: Path, score_name: str = "accuracy") -> list[Path]:
+def write_results(runs: pd.DataFrame, table: pd.DataFrame, out_dir: Path, score_name: str) -> list[Path]:
     """runs.csv, table.csv, table.md and accuracy_vs_dpc.png."""
     from dilm_ray.evaluation.plots import accuracy_vs_dpc
 
