@@ -4,6 +4,8 @@ Runs stage 1 and 2 (Ray Train), synthesis (DiLM and LM-only), the coresets (rand
 herding) and the paper's evaluation protocol, then writes under ``<run_dir>/bench/``:
 ``runs.csv`` (one row per training run), ``table.csv``/``table.md`` (mean, std, runs, Welch
 p-values vs K-centers and random), ``timing.json`` (wall time per stage) and an MLflow run.
+Invocations with other learners or methods at the same DPC add to one folder: its tables cover
+every run in its ``runs.csv`` and ``commands.txt`` lists the commands that made them.
 
 It resumes: a stage whose outputs exist is skipped, stage 1-2 continue from their latest Ray
 checkpoint, and evaluation runs already in ``runs.csv`` are not repeated. Rerun the same
@@ -155,7 +157,8 @@ def row_key(row: dict) -> tuple[str, ...]:
 
 
 def evaluate_remaining(cfg: Config, data, methods: list[str], dpcs: list[int], learners: list[str], seeds: dict[str, int], out: Path) -> pd.DataFrame:
-    """Run the plan's runs that ``runs.csv`` does not hold yet, saving each one as it finishes."""
+    """Run the plan's runs that ``runs.csv`` does not hold yet, saving each one as it finishes;
+    return every run ``runs.csv`` holds, this plan's and earlier invocations'."""
     from dilm_ray.data import load_file
     from dilm_ray.evaluation.runner import evaluate_plan
     from dilm_ray.pipeline import discover_sets
@@ -182,15 +185,23 @@ def evaluate_remaining(cfg: Config, data, methods: list[str], dpcs: list[int], l
 
     if todo:
         evaluate_plan(cfg, data.task, data.validation, groups, todo, on_row=save)
-    done = pd.DataFrame(rows)
-    wanted = {run_key(r) for r in plan}
-    return done[[row_key(row) in wanted for row in rows]]
+    return pd.DataFrame(rows)
 
 
-def markdown(table: pd.DataFrame, seconds: dict[str, float], command: str, score_name: str) -> str:
+def record_command(out: Path, command: str) -> list[str]:
+    """Add ``command`` to the folder's ``commands.txt`` (once) and return all of them, oldest first."""
+    path = out / "commands.txt"
+    commands = path.read_text().splitlines() if path.exists() else []
+    if command not in commands:
+        commands.append(command)
+        path.write_text("\n".join(commands) + "\n")
+    return commands
+
+
+def markdown(table: pd.DataFrame, seconds: dict[str, float], commands: list[str], score_name: str) -> str:
     from dilm_ray.evaluation.runner import to_markdown
 
-    lines = [f"Produced by `{command}`", "", to_markdown(table, score_name), "", "| stage | wall time (min) |", "|---|---|"]
+    lines = ["Produced by", "", "```bash", *commands, "```", "", to_markdown(table, score_name), "", "| stage | wall time (min) |", "|---|---|"]
     lines += [f"| {name} | {sec / 60:.1f} |" for name, sec in seconds.items()]
     return "\n".join(lines) + "\n"
 
@@ -242,8 +253,8 @@ def main(config: str, overrides: tuple[str, ...], budget: str, methods, dpcs, le
             table.to_csv(out / "table.csv", index=False)
             options = [f"--budget {budget}", *([f"--record {record}"] if record else []), *(f"--dpc {d}" for d in dpcs), *(f"--method {m}" for m in methods), *(f"--learner {x}" for x in learners), *(f"--seeds {x}" for x in seed_specs)]
             command = " ".join(["python benchmarks/glue.py", config, *overrides, *options])
-            (out / "table.md").write_text(markdown(table, stages.seconds, command, data.task.score_name))
-            paths = [out / "runs.csv", out / "table.csv", out / "table.md", accuracy_vs_dpc(table, out / "accuracy_vs_dpc.png", data.task.score_name), stages.path]
+            (out / "table.md").write_text(markdown(table, stages.seconds, record_command(out, command), data.task.score_name))
+            paths = [out / "runs.csv", out / "commands.txt", out / "table.csv", out / "table.md", accuracy_vs_dpc(table, out / "accuracy_vs_dpc.png", data.task.score_name), stages.path]
             log_artifacts(run_id, paths, tag)
             if run_id is not None:
                 import mlflow

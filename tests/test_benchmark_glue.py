@@ -86,7 +86,16 @@ def test_benchmark_makes_only_the_sets_of_the_requested_methods(tiny_overrides, 
     assert "[synthesize_lm_only]" not in result.output
     distilled = tmp_path / "runs" / "t-smoke" / "distilled"
     assert sorted(p.name for p in distilled.iterdir() if p.is_dir()) == ["dilm", "random"]
-    assert set(pd.read_csv(tmp_path / "runs" / "t-smoke" / "bench-smoke" / "runs.csv").method) == {"dilm", "random"}
+    out = tmp_path / "runs" / "t-smoke" / "bench-smoke"
+    assert set(pd.read_csv(out / "runs.csv").method) == {"dilm", "random"}
+
+    # another selection at the same DPC adds to the folder: its tables keep the earlier runs
+    again = CliRunner().invoke(benchmark_script("glue").main, [*args[:-4], "--method", "random"])
+    assert again.exit_code == 0, again.output + repr(again.exception)
+    assert "2 of 2 runs done earlier" in again.output
+    assert set(pd.read_csv(out / "table.csv").method) == {"dilm", "random"}
+    table = (out / "table.md").read_text()
+    assert "--method dilm --method random\n" in table and table.count("python benchmarks/glue.py") == 2
 
 
 def test_benchmark_reports_a_bad_override_in_one_line(tiny_overrides):
