@@ -56,7 +56,8 @@ def main(config: str, overrides: tuple[str, ...], generators, inits, steps: int,
     import sys
 
     from dilm_ray.models.generator import build_generator
-    from dilm_ray.pipeline import load_data, setup_torch
+    from dilm_ray.data import load_data
+    from dilm_ray.seeding import setup_torch
     from dilm_ray.train.pretrain import pretrain
 
     try:

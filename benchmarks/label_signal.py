@@ -54,7 +54,8 @@ def main(config: str, overrides: tuple[str, ...], generator_dir: str | None, sen
     import sys
 
     from dilm_ray.models.generator import decoder_layers, build_generator
-    from dilm_ray.pipeline import load_data, setup_torch
+    from dilm_ray.data import load_data
+    from dilm_ray.seeding import setup_torch
 
     try:
         cfg = load_config(config, [*overrides, f"data.max_train_samples={sentences}"])

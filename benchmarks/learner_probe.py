@@ -45,7 +45,8 @@ def main(config: str, overrides: tuple[str, ...], learner_name: str, set_paths: 
 
     from dilm_ray.data import load_file, load_split
     from dilm_ray.evaluation.learners import build
-    from dilm_ray.pipeline import load_data, setup_torch
+    from dilm_ray.data import load_data
+    from dilm_ray.seeding import setup_torch
 
     try:
         cfg = load_config(config, list(overrides))

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import click
 import numpy as np
@@ -23,7 +24,8 @@ from dilm_ray.config import Config, load_config
 
 def _pretrain_in_process(cfg: Config) -> None:
     from dilm_ray.models.generator import build_generator
-    from dilm_ray.pipeline import load_data, setup_torch
+    from dilm_ray.data import load_data
+    from dilm_ray.seeding import setup_torch
     from dilm_ray.train.pretrain import pretrain
 
     setup_torch(cfg)
@@ -34,7 +36,7 @@ def _pretrain_in_process(cfg: Config) -> None:
 
 
 def _pretrain_on_ray(cfg: Config) -> None:
-    from dilm_ray.train.ray_train import fit_stage
+    from dilm_ray.driver.ray_train import fit_stage
 
     fit_stage(cfg, "pretrain")
 
@@ -46,7 +48,7 @@ def _timed(fn, cfg: Config) -> float:
 
 
 def bench_train(config: str, overrides: list[str], steps: tuple[int, int]) -> None:
-    from dilm_ray.ray_env import ensure_ray
+    from dilm_ray.driver.ray_env import ensure_ray
 
     base = [*overrides, "ray.num_workers=1", "pretrain.log_every=1", "name=bench-overhead"]
     start = time.perf_counter()
@@ -67,18 +69,20 @@ def bench_train(config: str, overrides: list[str], steps: tuple[int, int]) -> No
 
 
 def bench_eval(config: str, overrides: list[str], n_sets: int, dpc: int) -> None:
-    from dilm_ray.evaluation.runner import evaluate_groups
-    from dilm_ray.pipeline import load_data
+    import tempfile
+
+    from dilm_ray.commands.pipeline import LoadedSet, evaluate_groups
+    from dilm_ray.data import load_data
     from dilm_ray.synthesis import coreset
 
     cfg = load_config(config, [*overrides, f"synthesize.n_datasets={n_sets}", "evaluate.n_evals_per_dataset=1"])
     data = load_data(cfg)
-    sets = [coreset(data.train, torch.zeros(len(data.train), 1), dpc, "random", cfg.seed + i) for i in range(n_sets)]
-    groups = {("random", dpc): sets}
+    sets = [coreset(data.train, torch.zeros(len(data.train), 1), dpc, "random", cfg.seed + i)[0] for i in range(n_sets)]
+    groups = {("random", dpc): [LoadedSet(s, s.digest(), Path("-")) for s in sets]}
     results = {}
     for parallel in (False, True):
         start = time.perf_counter()
-        runs = evaluate_groups(cfg, data.task, data.validation, groups, parallel=parallel)
+        runs = evaluate_groups(cfg, data, groups, Path(tempfile.mkdtemp()) / "runs.csv", parallel=parallel)
         results[parallel] = (time.perf_counter() - start, runs)
     (seq, seq_runs), (par, par_runs) = results[False], results[True]
     click.echo(f"\nevaluation of {n_sets} random DPC-{dpc} sets, {cfg.evaluate.steps} steps each, learner {cfg.learner.model}\n")

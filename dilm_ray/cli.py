@@ -1,6 +1,7 @@
 """``dilm-ray``: every command takes a config file plus ``key=value`` overrides.
 
-User errors print one line and exit with status 2.
+User errors print one line and exit with status 2. Ctrl-C and SIGTERM end a command cleanly
+(its MLflow run KILLED, finished work kept) with status 130 / 143; ``--resume`` continues.
 """
 
 from __future__ import annotations
@@ -12,27 +13,32 @@ from pathlib import Path
 
 import click
 
-from dilm_ray import __version__
+from dilm_ray import __version__, interrupts
 from dilm_ray.config import Config, load_config
 from dilm_ray.errors import UserError
 
 
 def _command(fn):
-    """Parse CONFIG + overrides into a validated Config; turn UserError into one line + exit 2."""
+    """Parse CONFIG + overrides into a validated Config; turn UserError into one line + exit 2,
+    and an interrupt (Ctrl-C, SIGTERM) into one line + exit 128 + signal."""
 
     @click.argument("config", type=click.Path(dir_okay=False))
     @click.argument("overrides", nargs=-1)
     @functools.wraps(fn)
     def wrapper(config: str, overrides: tuple[str, ...], **kwargs):
+        interrupts.install()
         try:
             cfg = load_config(config, overrides)
-            from dilm_ray.pipeline import setup_torch
+            from dilm_ray.seeding import setup_torch
 
             setup_torch(cfg)
             return fn(cfg, **kwargs)
         except UserError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt as err:
+            click.echo(f"interrupted ({err}): finished stages and evaluation runs are kept; add --resume to continue", err=True)
+            sys.exit(interrupts.exit_code(err))
 
     return wrapper
 
@@ -51,7 +57,7 @@ def main() -> None:
 @_command
 def validate(cfg: Config) -> None:
     """Print the resolved config and the row counts of each split and label."""
-    from dilm_ray.pipeline import load_data
+    from dilm_ray.data import load_data
 
     click.echo(cfg.to_yaml().rstrip())
     data = load_data(cfg)
@@ -61,14 +67,26 @@ def validate(cfg: Config) -> None:
         click.echo(f"# {split}: {len(part)} rows ({counts})")
 
 
-def _train_stage(cfg: Config, stage: str, resume: bool) -> None:
-    from dilm_ray.pipeline import check_inputs, distill_stage, pretrain_stage
+def _one_stage(cfg: Config, stage: str, resume: bool, methods: tuple[str, ...] = ()):
+    """Run one stage of ``stages.STAGES`` (always, even when done) under its own MLflow run."""
+    from dilm_ray.layout import RunLayout
+    from dilm_ray.stages import BY_NAME, Context, check_inputs
+    from dilm_ray.timing import StageTimer
     from dilm_ray.tracking.mlflow_store import mlflow_run
 
-    check_inputs(cfg)
-    fit, label = (pretrain_stage, "LM-only") if stage == "pretrain" else (distill_stage, "DiLM")
-    with mlflow_run(cfg, stage) as run_id:
-        click.echo(f"{label} generator saved to {fit(cfg, run_id, resume)}")
+    data = check_inputs(cfg)
+    layout = RunLayout(cfg.run_dir)
+    with mlflow_run(cfg, stage.replace("_", "-"), layout.mlflow_runs, resume) as run_id:
+        ctx = Context(cfg, data, methods, run_id, resume)
+        with StageTimer(layout.timing).span(stage):
+            out = BY_NAME[stage].run(ctx)
+        BY_NAME[stage].mark(ctx)
+    return out
+
+
+def _train_stage(cfg: Config, stage: str, resume: bool) -> None:
+    label = "LM-only" if stage == "pretrain" else "DiLM"
+    click.echo(f"{label} generator saved to {_one_stage(cfg, stage, resume)}")
 
 
 RESUME = click.option("--resume", is_flag=True, help="continue the run with the same name from its latest checkpoint")
@@ -95,12 +113,7 @@ def distill(cfg: Config, resume: bool) -> None:
 @_command
 def synthesize(cfg: Config, which: str) -> None:
     """Stage 3: write distilled sets (DPC per class, K-centers over an over-sampled pool)."""
-    from dilm_ray.pipeline import load_data, synthesize_stage
-    from dilm_ray.tracking.mlflow_store import mlflow_run
-
-    data = load_data(cfg, need_validation=False)
-    with mlflow_run(cfg, f"synthesize-{which}") as run_id:
-        written = synthesize_stage(cfg, data, which, run_id)
+    written = _one_stage(cfg, f"synthesize_{which}", False, (which,))
     for dpc, paths in written.items():
         click.echo(f"dpc={dpc}: {len(paths)} sets under {paths[0].parents[1]}")
 
@@ -110,10 +123,9 @@ def synthesize(cfg: Config, which: str) -> None:
 @_command
 def coreset(cfg: Config, methods: tuple[str, ...]) -> None:
     """Coreset baselines from the real train set (random, K-centers, herding on learner embeddings)."""
-    from dilm_ray.pipeline import coreset_stage, load_data
-    from dilm_ray.synthesis import CORESETS
+    from dilm_ray.layout import CORESETS
 
-    written = coreset_stage(cfg, load_data(cfg, need_validation=False), methods or CORESETS)
+    written = _one_stage(cfg, "coreset", False, tuple(methods or CORESETS))
     for method, by_dpc in written.items():
         for dpc, paths in by_dpc.items():
             click.echo(f"{method} dpc={dpc}: {len(paths)} sets under {paths[0].parents[1]}")
@@ -124,46 +136,31 @@ def coreset(cfg: Config, methods: tuple[str, ...]) -> None:
 @_command
 def tune(cfg: Config, resume: bool) -> None:
     """Ray Tune sweep over tune.space: each trial distills, synthesizes and evaluates (ASHA stops weak trials)."""
-    from dilm_ray.tune import run_sweep
+    from dilm_ray.commands.tune import run_sweep
 
     click.echo(run_sweep(cfg, resume))
 
 
 @main.command()
 @click.option("--learner", "learners", multiple=True, help="learner architecture(s) to train; default: evaluate.learners or learner.model")
-@click.option("--data", "data_path", type=click.Path(exists=True), help="a dataset file, or a folder of <method>/dpc<D>/set<i>/train.parquet; default: the run's distilled/ folder")
+@click.option("--data", "data_path", type=click.Path(exists=True, path_type=Path), help="a dataset file, or a folder of <method>/dpc<D>/set<i>/train.jsonl; default: the run's distilled/ folder")
+@click.option("--resume", is_flag=True, help="keep the evaluation runs already in results/runs.csv and run only the others")
 @_command
-def evaluate(cfg: Config, learners: tuple[str, ...], data_path: str | None) -> None:
+def evaluate(cfg: Config, learners: tuple[str, ...], data_path: Path | None, resume: bool) -> None:
     """Train fresh learners on distilled sets and report mean/std accuracy and Welch p-values."""
-    from dilm_ray.evaluation.runner import evaluate_groups, results_table, to_markdown, write_results
-    from dilm_ray.data import load_file
-    from dilm_ray.pipeline import discover_sets, load_data
-    from dilm_ray.tracking.mlflow_store import log_artifacts, log_evaluation_runs, mlflow_run
+    from dilm_ray.commands.pipeline import evaluate_command
 
-    data = load_data(cfg)
-    source = Path(data_path) if data_path else cfg.run_dir / "distilled"
-    if source.is_file():
-        found = {(source.stem, 0): [source]}
-    else:
-        found = discover_sets(source)
-        if not found:
-            raise UserError(f"no distilled sets under {source} (expected <method>/dpc<D>/set<i>/train.parquet)")
-    groups = {g: [load_file(p, data.task) for p in paths] for g, paths in found.items()}
-    with mlflow_run(cfg, "evaluate") as run_id:
-        runs = evaluate_groups(cfg, data.task, data.validation, groups, list(learners) or None)
-        table = results_table(runs)
-        log_artifacts(run_id, write_results(runs, table, cfg.run_dir / "results", data.task.score_name), "results")
-        log_evaluation_runs(run_id, runs)
-    click.echo(to_markdown(table, data.task.score_name))
+    click.echo(evaluate_command(cfg, learners, data_path, resume))
 
 
 @main.command()
+@click.option("--resume", is_flag=True, help="continue an interrupted run: skip finished stages, continue stages 1-2 from their checkpoint, keep finished evaluation runs")
 @_command
-def run(cfg: Config) -> None:
+def run(cfg: Config, resume: bool) -> None:
     """The whole pipeline: pretrain, distill, synthesize, coresets, evaluate; prints the final table."""
-    from dilm_ray.workflow import run_pipeline
+    from dilm_ray.commands.pipeline import run_command
 
-    click.echo(run_pipeline(cfg))
+    click.echo(run_command(cfg, resume))
 
 
 @main.command()

@@ -14,11 +14,12 @@ from dilm_ray.data.dataset import TextSet
 from dilm_ray.models.generator import Generator
 from dilm_ray.models.learner import Learner
 
-CORESETS = ("random", "k_centers", "herding")
-
 
 def select_per_class(embeddings: torch.Tensor, labels: np.ndarray, dpc: int, method: str, seed: int) -> np.ndarray:
-    """Indices of ``dpc`` rows per label chosen by ``method`` on ``embeddings``."""
+    """Indices (int64, shape [<= dpc x labels], label by label) of ``dpc`` rows per label chosen
+    by ``method`` on ``embeddings`` (float [n, d]): ``random`` (seeded), ``k_centers`` (the row
+    nearest each K-means centroid, DiLM's reference ``src/coreset/k_centers.py``) or ``herding``.
+    A label with fewer rows keeps all of them. Raises ``ValueError`` for an unknown method."""
     chosen = []
     for label in np.unique(labels):
         idx = np.flatnonzero(labels == label)
@@ -35,16 +36,18 @@ def select_per_class(embeddings: torch.Tensor, labels: np.ndarray, dpc: int, met
     return np.concatenate(chosen)
 
 
-def coreset(train: TextSet, embeddings: torch.Tensor, dpc: int, method: str, seed: int) -> TextSet:
-    return train.select(select_per_class(embeddings, train.labels, dpc, method, seed))
+def coreset(train: TextSet, embeddings: torch.Tensor, dpc: int, method: str, seed: int) -> tuple[TextSet, np.ndarray]:
+    """The coreset of ``train`` (rows of ``embeddings``) and the train row indices it holds."""
+    rows = select_per_class(embeddings, train.labels, dpc, method, seed)
+    return train.select(rows), rows
 
 
 def synthesize(
     gen: Generator, learner: Learner, cfg: SynthesizeConfig, gen_cfg: GeneratorConfig, dpc: int, seed: int,
     indices: Sequence[int] | None = None, progress: bool = True, on_set: Callable[[int, TextSet], None] | None = None,
 ) -> tuple[list[TextSet], int]:
-    """Sets ``indices`` (default: all ``cfg.n_datasets``): generate dpc x over_sample_ratio per
-    class, keep dpc by K-centers (or at random) on learner embeddings. Each set draws from its own
+    """DiLM stage 3 (Sec. 3.3): sets ``indices`` (default: all ``cfg.n_datasets``): generate
+    dpc x over_sample_ratio per class, keep dpc by K-centers (or at random) on learner embeddings. Each set draws from its own
     seed, so set i is the same whether or not the others are made. ``on_set(i, set)`` runs as each
     set is made (to save it before the next: a set can take minutes). Returns (sets, malformed
     samples dropped)."""
@@ -53,7 +56,7 @@ def synthesize(
         rng = torch.Generator().manual_seed(seed * 1_000_003 + dpc * 1009 + i)
         pool, d = gen.generate_all(dpc * cfg.over_sample_ratio, gen_cfg, rng, cfg.max_attempts)
         dropped += d
-        sets.append(coreset(pool, learner.embed(pool), dpc, cfg.select, seed=i))
+        sets.append(coreset(pool, learner.embed(pool), dpc, cfg.select, seed=i)[0])
         if on_set:
             on_set(i, sets[-1])
     return sets, dropped

@@ -148,13 +148,48 @@ def tiny_overrides(tiny_lm_dir, tiny_bert_dir, toy_data_dir, tmp_path) -> list[s
     ]
 
 
+def _shutdown_ray() -> None:
+    import sys
+
+    if "ray" in sys.modules:  # only if something imported it: importing Ray costs seconds
+        import ray
+
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_ray_left_running():
+    """The one Ray fixture: whatever a test module started (a local cluster below, or the
+    embedded Ray a command starts) is shut down when the module ends, pass or fail."""
+    _shutdown_ray()
+    try:
+        yield
+    finally:
+        _shutdown_ray()
+
+
 @pytest.fixture(scope="module")
-def shutdown_ray_after():
-    """For modules whose commands start an embedded Ray: stop it when the module is done."""
-    yield
+def ray_2_cpus(no_ray_left_running):
+    """A local Ray with 2 CPUs in its own temp dir (Ray's socket paths must stay under 107
+    bytes), with the dashboard (Train needs the State API) and fast Train health checks."""
+    import tempfile
+
     import ray
 
-    ray.shutdown()
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.1"
+    ray.init(num_cpus=2, _temp_dir=tempfile.mkdtemp(prefix="r", dir="/tmp"), include_dashboard=True, logging_level="ERROR",
+             runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_OFFLINE": "1"}})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def loaded_sets(groups: dict) -> dict:
+    """``{(method, dpc): [TextSet]}`` as the evaluation reads sets: with a digest each."""
+    from dilm_ray.commands.pipeline import LoadedSet
+
+    return {g: [LoadedSet(s, s.digest(), Path("-")) for s in sets] for g, sets in groups.items()}
 
 
 def benchmark_script(name: str):

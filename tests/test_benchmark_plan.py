@@ -1,4 +1,4 @@
-"""benchmarks/glue.py's evaluation plan: per-learner seed counts and their validation."""
+"""The evaluation plan: per-learner seed counts and their validation."""
 
 import pytest
 
@@ -7,9 +7,10 @@ from tests.conftest import benchmark_script
 
 
 def test_a_learner_with_fewer_seeds_runs_a_prefix_of_the_full_plan():
-    glue = benchmark_script("glue")
+    from dilm_ray.evaluation.job import plan_for_learners
+
     groups = {("dilm", 10): ["s0", "s1"], ("k_centers", 10): ["s0", "s1"]}
-    plan = glue.bench_plan(groups, ["minilm-l6", "smollm2-135m"], 2, 3, {"smollm2-135m": 1}, 42)
+    plan = plan_for_learners(groups, ["minilm-l6", "smollm2-135m"], 2, 3, {"smollm2-135m": 1}, 42)
     full = [r for r in plan if r.learner == "minilm-l6"]
     fewer = [r for r in plan if r.learner == "smollm2-135m"]
     assert len(full) == 2 * 2 * 3 and len(fewer) == 2 * 2 * 1

@@ -8,7 +8,6 @@ from click.testing import CliRunner
 
 from dilm_ray.cli import main
 
-pytestmark = pytest.mark.usefixtures("shutdown_ray_after")
 
 
 def _invoke(args):

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from dilm_ray.evaluation.plots import accuracy_figure, accuracy_vs_dpc, curves_figure, training_curves
-from dilm_ray.evaluation.runner import results_table
+from dilm_ray.evaluation.report import results_table
 
 
 def _runs() -> pd.DataFrame:

@@ -15,27 +15,13 @@ from dilm_ray.train.state import TrainState
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def ray_2_cpus(tmp_path_factory):
-    import ray
-
-    ray.shutdown()  # a CLI test may have left its embedded Ray running
-    tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.1"
-    ray.init(num_cpus=2, _temp_dir=str(tmp), include_dashboard=True, logging_level="ERROR",
-             runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_OFFLINE": "1"}})
-    yield
-    ray.shutdown()
-
-
 def test_two_workers_pretrain_then_distill(ray_2_cpus, tiny_overrides):
-    from dilm_ray.train.ray_train import fit_stage
+    from dilm_ray.driver.ray_train import fit_stage
 
     cfg = load_config("configs/sst2-cpu.yaml", tiny_overrides + ["ray.num_workers=2", "ray.cpus_per_worker=0.9", "pretrain.checkpoint_every=2"])
     lm = fit_stage(cfg, "pretrain")
     assert (lm / "config.json").is_file() and TrainState.load(lm / "train_state.pt").step == 3
-    dilm = fit_stage(cfg, "distill")
+    dilm = fit_stage(cfg, "distill", source=str(lm))
     state = TrainState.load(dilm / "train_state.pt")
     assert state.step == cfg.distill.steps and "resumed_from" not in state.extra
 
@@ -67,7 +53,7 @@ def _registered_checkpoint(run_dir) -> bool:
 
 
 def test_killed_worker_resumes_from_its_latest_checkpoint(ray_2_cpus, tiny_overrides):
-    from dilm_ray.train.ray_train import fit_stage, storage_root
+    from dilm_ray.driver.ray_train import fit_stage, storage_root
 
     steps = 400  # the kill lands right after the first registered checkpoint (step 20)
     cfg = load_config(

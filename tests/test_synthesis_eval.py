@@ -4,12 +4,16 @@ import torch
 
 from dilm_ray.config import EvaluateConfig, GeneratorConfig, LearnerConfig, SynthesizeConfig, load_config
 from dilm_ray.data import BUILTIN_TASKS, load_file
-from dilm_ray.evaluation.runner import evaluate_groups, results_table, run_plan, to_markdown
+from dilm_ray.commands.pipeline import evaluate_groups
+from dilm_ray.data import TaskData
+from dilm_ray.evaluation.job import plan_jobs
+from dilm_ray.evaluation.report import results_table, to_markdown
 from dilm_ray.evaluation.stats import summarize, welch_p
 from dilm_ray.evaluation.train_eval import scores, train_learner, predict
 from dilm_ray.models.generator import build_generator
 from dilm_ray.models.learner import build_learner
 from dilm_ray.synthesis import select_per_class, synthesize
+from tests.conftest import loaded_sets
 
 SST2 = BUILTIN_TASKS["sst2"]
 
@@ -17,8 +21,20 @@ SST2 = BUILTIN_TASKS["sst2"]
 def test_synthesize_writes_dpc_per_class_sets(tiny_lm_dir, tiny_bert_dir, tmp_path):
     gen = build_generator(GeneratorConfig(model=str(tiny_lm_dir), max_length=10), SST2)
     learner = build_learner(LearnerConfig(model=str(tiny_bert_dir), max_length=16), 2, seed=0)
-    sets, dropped = synthesize(gen, learner, SynthesizeConfig(n_datasets=2, over_sample_ratio=3), GeneratorConfig(max_length=10), dpc=3, seed=0, progress=False)
-    assert len(sets) == 2 and dropped >= 0
+    parse, calls, malformed = gen.parse, [], []
+
+    def parse_some_malformed(ids):  # every 5th sample is malformed, besides any the tiny LM makes
+        calls.append(1)
+        texts = None if len(calls) % 5 == 0 else parse(ids)
+        malformed.extend([1] if texts is None else [])
+        return texts
+
+    gen.parse = parse_some_malformed
+    _, dropped = synthesize(gen, learner, SynthesizeConfig(n_datasets=2, over_sample_ratio=3), GeneratorConfig(max_length=10), dpc=3, seed=1, progress=False)
+    gen.parse = parse
+    assert dropped == len(malformed) >= len(calls) // 5 > 0
+    sets, _ = synthesize(gen, learner, SynthesizeConfig(n_datasets=2, over_sample_ratio=3), GeneratorConfig(max_length=10), dpc=3, seed=0, progress=False)
+    assert len(sets) == 2
     for s in sets:
         assert s.counts(2) == [3, 3] and all(t[0] for t in s.texts)
     assert sets[0].texts != sets[1].texts
@@ -104,7 +120,7 @@ def test_table_header_names_the_task_score():
 
 def test_run_plan_gives_every_group_the_same_runs():
     groups = {("dilm", 5): ["a", "b"], ("herding", 5): ["h"]}
-    plan = run_plan(groups, 4, seed=10, learners=["x", "y"])
+    plan = plan_jobs(groups, 4, seed=10, learners=["x", "y"])
     herding = [(r.set_index, r.seed) for r in plan if r.method == "herding" and r.learner == "x"]
     assert herding == [(0, 10), (0, 11), (0, 12), (0, 13)]
     assert [r.set_index for r in plan if r.method == "dilm" and r.learner == "y"] == [0, 1, 0, 1]
@@ -112,11 +128,11 @@ def test_run_plan_gives_every_group_the_same_runs():
     assert [r.method for r in plan[:4]] == ["dilm", "herding", "dilm", "herding"]  # groups take turns
 
 
-def test_evaluate_groups_table(tiny_bert_dir, toy_sets, tiny_overrides):
+def test_evaluate_groups_table(tiny_bert_dir, toy_sets, tiny_overrides, tmp_path):
     train, val = toy_sets
     cfg = load_config("configs/sst2-cpu.yaml", tiny_overrides + ["evaluate.steps=2"])
-    groups = {("dilm", 2): [train.select([0, 1, 2, 3])], ("random", 2): [train.select([4, 5, 6, 7])]}
-    runs = evaluate_groups(cfg, SST2, val, groups, learners=[str(tiny_bert_dir), "tfidf-logreg"], parallel=False)
+    groups = loaded_sets({("dilm", 2): [train.select([0, 1, 2, 3])], ("random", 2): [train.select([4, 5, 6, 7])]})
+    runs = evaluate_groups(cfg, TaskData(SST2, train, val), groups, tmp_path / "runs.csv", learners=[str(tiny_bert_dir), "tfidf-logreg"], parallel=False)
     assert len(runs) == 2 * 2 * 2 and set(runs.method) == {"dilm", "random"}
     assert set(runs.family) == {"encoder", "tfidf-logreg"}
     table = results_table(runs)
@@ -124,21 +140,31 @@ def test_evaluate_groups_table(tiny_bert_dir, toy_sets, tiny_overrides):
     assert "p_vs_dilm" in table.columns
 
 
-def test_train_embeddings_are_cached_per_learner_and_data(tiny_overrides, toy_sets):
-    from dilm_ray.pipeline import train_embeddings
+def test_train_embeddings_are_cached_per_learner_and_data(tiny_overrides, toy_sets, tmp_path):
+    from dilm_ray.train.embeddings import train_embeddings
 
     train, _ = toy_sets
     cfg = load_config("configs/sst2-cpu.yaml", tiny_overrides)
-    learner = build_learner(cfg.learner, 2, seed=0)
     calls = []
-    embed = learner.embed
-    learner.embed = lambda *a, **k: calls.append(1) or embed(*a, **k)
-    first = train_embeddings(cfg, train, learner)
-    again = train_embeddings(cfg, train, learner)
+
+    def counted(learner):
+        embed = learner.embed
+        learner.embed = lambda *a, **k: calls.append(1) or embed(*a, **k)
+        return learner
+
+    learner = counted(build_learner(cfg.learner, 2, seed=0))
+    first = train_embeddings(tmp_path, train, learner)
+    again = train_embeddings(tmp_path, train, counted(build_learner(cfg.learner, 2, seed=5)))  # the seed only draws the head
     assert len(calls) == 1 and torch.equal(first, again) and first.shape[0] == len(train)
-    other = load_config("configs/sst2-cpu.yaml", [*tiny_overrides, "learner.max_length=8"])
-    train_embeddings(other, train, learner)  # another learner setting: another cache entry
-    assert len(calls) == 2
-    capped = load_config("configs/sst2-cpu.yaml", [*tiny_overrides, "data.max_validation_samples=3"])
-    train_embeddings(capped, train, learner)  # the validation cap does not touch the train rows
-    assert len(calls) == 2
+    train_embeddings(tmp_path, train, counted(build_learner(cfg.learner.model_copy(update={"max_length": 8}), 2, seed=0)))
+    assert len(calls) == 2  # another truncation: another cache entry
+    train_embeddings(tmp_path, train.select(range(len(train) - 1)), learner)
+    assert len(calls) == 3  # other rows
+    half = counted(build_learner(cfg.learner, 2, seed=0))
+    half.model.to(torch.bfloat16)
+    half._initial_body = {k: v.to(torch.bfloat16) for k, v in half._initial_body.items()}
+    train_embeddings(tmp_path, train, half)
+    assert len(calls) == 4  # another precision
+    pooled = counted(build_learner(cfg.learner.model_copy(update={"pooling": "cls"}), 2, seed=0))
+    train_embeddings(tmp_path, train, pooled)
+    assert len(calls) == 5  # another pooling

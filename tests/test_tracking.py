@@ -16,7 +16,7 @@ def test_each_evaluation_run_is_a_child_run_with_its_identity_and_scores(tmp_pat
         ]
     )
     with mlflow.start_run() as parent:
-        log_evaluation_runs(parent.info.run_id, runs)
+        log_evaluation_runs(parent.info.run_id, runs.to_dict("records"))
     children = mlflow.search_runs(experiment_names=["dilm-test"], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 2 and set(children["status"]) == {"FINISHED"}
     tfidf = children[children["params.learner"] == "tfidf-logreg"].iloc[0]

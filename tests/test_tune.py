@@ -10,7 +10,7 @@ from dilm_ray.cli import main
 
 
 def test_ranked_table_orders_trials_and_reports_minutes():
-    from dilm_ray.tune import ranked_table
+    from dilm_ray.commands.tune import ranked_table
 
     df = pd.DataFrame({"trial_id": ["a", "b"], "accuracy": [0.6, 0.7], "sets_evaluated": [2, 3], "time_total_s": [120.0, 300.0],
                        "config/distill.lr": [1e-5, 3e-6], "config/distill.steps": [5, 5]})
@@ -21,7 +21,6 @@ def test_ranked_table_orders_trials_and_reports_minutes():
 
 
 @pytest.mark.integration
-@pytest.mark.usefixtures("shutdown_ray_after")
 def test_sweep_of_four_trials_with_asha_lands_in_mlflow(tiny_overrides, tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

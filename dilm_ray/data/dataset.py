@@ -39,6 +39,12 @@ class TextSet:
         texts = tuple(t for p in parts for t in p.texts)
         return TextSet(columns, texts, np.concatenate([p.labels for p in parts]) if parts else np.zeros(0))
 
+    def digest(self) -> str:
+        """SHA-256 of the rows (text fields and labels, in order): the set's identity in cache keys."""
+        from dilm_ray.keys import texts_digest
+
+        return texts_digest(self.texts, self.labels)
+
     def to_records(self) -> list[dict]:
         return [dict(zip(self.columns, t), label=int(y)) for t, y in zip(self.texts, self.labels)]
 

@@ -6,13 +6,14 @@ the label set) becomes one ``UserError`` naming the file and row.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from dilm_ray.config import DataConfig
+from dilm_ray.config import Config, DataConfig
 from dilm_ray.data.dataset import TextSet
-from dilm_ray.data.tasks import TaskSpec
+from dilm_ray.data.tasks import TaskSpec, resolve_task
 from dilm_ray.errors import UserError
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
@@ -134,3 +135,28 @@ def subsample(data: TextSet, n: int | None, seed: int, balanced: bool, num_label
     quota = n // num_labels
     chosen = [rng.choice(idx, size=min(quota, len(idx)), replace=False) for idx in per_label]
     return data.select(np.sort(np.concatenate(chosen)))
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A task with its (subsampled) train split and its validation split (empty when not needed)."""
+
+    task: TaskSpec
+    train: TextSet
+    validation: TextSet
+
+
+def load_data(cfg: Config, need_validation: bool = True) -> TaskData:
+    """The config's task, train rows (``data.max_train_samples``, seeded) and validation rows.
+
+    Raises ``UserError`` for a missing folder, file, column, empty text or out-of-range label.
+    """
+    task = resolve_task(cfg.data)
+    d = cfg.data
+    train = subsample(load_split(d, task, d.train_split), d.max_train_samples, d.seed, d.balanced, task.num_labels)
+    if need_validation:
+        val = load_split(d, task, task.validation_split)
+        val = subsample(val, d.max_validation_samples, d.seed, False, task.num_labels)
+    else:
+        val = TextSet(task.text_columns, (), np.zeros(0))
+    return TaskData(task, train, val)

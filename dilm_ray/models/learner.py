@@ -57,6 +57,27 @@ class Learner:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def signature(self) -> dict:
+        """Everything that decides the features this learner computes for a text: its class,
+        tokenizer, how it encodes a row (pairs go to the tokenizer as a text pair), truncation,
+        pooling, parameter dtype and a SHA-1 of its initial body weights. Cache keys of
+        embeddings include it, so a change of any of these misses the cache."""
+        import hashlib
+
+        weights = hashlib.sha1()
+        for name, tensor in sorted(self._initial_body.items()):
+            weights.update(name.encode())
+            weights.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return {
+            "class": type(self).__name__,
+            "tokenizer": [type(self.tokenizer).__name__, len(self.tokenizer), self.tokenizer.padding_side],
+            "encoding": "tokenizer(text[, text_pair]) -> input_ids, attention_mask",
+            "max_length": self.max_length,
+            "pooling": self.model.pooling,
+            "dtype": str(next(self.model.parameters()).dtype),
+            "weights": weights.hexdigest(),
+        }
+
     def reset(self, seed: int) -> None:
         """Pretrained body, new head drawn from ``seed`` (the paper re-initialises every outer loop)."""
         self.model.body.load_state_dict(self._initial_body)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 from typing import Iterator
@@ -30,8 +31,14 @@ def log_config(cfg: Config) -> None:
 
 
 @contextlib.contextmanager
-def mlflow_run(cfg: Config, command: str, nested: bool = False, tags: dict[str, str] | None = None) -> Iterator[str | None]:
-    """Start a run named ``<name>-<command>`` with the resolved config; yields its id (None if disabled)."""
+def mlflow_run(cfg: Config, command: str, ids_file: Path | None = None, resume: bool = False, tags: dict[str, str] | None = None) -> Iterator[str | None]:
+    """A run named ``<name>-<command>`` with the resolved config; yields its id (None if disabled).
+
+    Its id is kept under ``command`` in ``ids_file`` (JSON); with ``resume`` the run recorded
+    there is reopened (RUNNING again, its metrics and child runs kept) instead of starting a new
+    one. The run ends FINISHED, FAILED on an exception, and KILLED on Ctrl-C or SIGTERM
+    (``KeyboardInterrupt``, which ``interrupts.Interrupted`` subclasses).
+    """
     if not cfg.tracking.enabled:
         yield None
         return
@@ -39,9 +46,30 @@ def mlflow_run(cfg: Config, command: str, nested: bool = False, tags: dict[str, 
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
     mlflow.set_experiment(experiment_name(cfg))
-    with mlflow.start_run(run_name=f"{cfg.name}-{command}", nested=nested, tags={"command": command, **(tags or {})}) as run:
+    ids = json.loads(ids_file.read_text()) if ids_file is not None and ids_file.is_file() else {}
+    earlier = ids.get(command) if resume else None
+    if earlier is not None:
+        try:
+            mlflow.MlflowClient().get_run(earlier)
+        except Exception:  # deleted, or another tracking store: start a new run
+            earlier = None
+    if earlier is not None:
+        run = mlflow.start_run(run_id=earlier)
+    else:
+        run = mlflow.start_run(run_name=f"{cfg.name}-{command}", tags={"command": command, **(tags or {})})
         log_config(cfg)
+        if ids_file is not None:
+            ids_file.parent.mkdir(parents=True, exist_ok=True)
+            ids_file.write_text(json.dumps({**ids, command: run.info.run_id}, indent=1) + "\n")
+    try:
         yield run.info.run_id
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
 
 
 def log_artifacts(run_id: str | None, paths: list[Path], artifact_path: str | None = None) -> None:
@@ -61,7 +89,7 @@ EVAL_PARAMS = ("learner", "family", "method", "dpc", "set_index", "seed")
 EVAL_METRICS = ("accuracy", "f1", "score", "seconds")
 
 
-def log_evaluation_runs(parent_id: str | None, runs) -> None:
+def log_evaluation_runs(parent_id: str | None, rows: list[dict]) -> None:
     """One child run of ``parent_id`` per evaluation run (a learner trained on one distilled set
     with one seed): its identity as params, its scores as metrics."""
     if parent_id is None:
@@ -74,7 +102,7 @@ def log_evaluation_runs(parent_id: str | None, runs) -> None:
     client = mlflow.MlflowClient()
     experiment_id = client.get_run(parent_id).info.experiment_id
     now = int(time.time() * 1000)
-    for row in runs.to_dict("records"):
+    for row in rows:
         name = f"eval-{Path(str(row['learner'])).name}-{row['method']}-dpc{row['dpc']}-set{row['set_index']}-seed{row['seed']}"
         child = client.create_run(experiment_id, run_name=name, tags={"mlflow.parentRunId": parent_id, "command": "evaluate-run"})
         params = [Param(k, str(row[k])) for k in EVAL_PARAMS if k in row]

@@ -17,8 +17,7 @@ import pandas as pd
 
 from dilm_ray.config import Config, SearchSpec, apply_override, flatten
 from dilm_ray.errors import UserError
-
-TUNE_DIR = "tune"
+from dilm_ray.layout import RunLayout
 
 
 def search_space(space: dict[str, SearchSpec]) -> dict[str, Any]:
@@ -70,44 +69,48 @@ def trial_config(base: Config, params: dict[str, Any], trial_name: str) -> Confi
     for key, value in params.items():
         apply_override(tree, key, value)
     tree["name"] = trial_name
-    tree["output_dir"] = str(base.run_dir / TUNE_DIR / "trials")
-    tree["ray"]["storage_path"] = str(base.run_dir / TUNE_DIR / "train")
+    tree["output_dir"] = str(RunLayout(base.run_dir).tune / "trials")
+    tree["ray"]["storage_path"] = str(RunLayout(base.run_dir).tune / "train")
     tree["tracking"]["enabled"] = False  # the driver's MLflowLoggerCallback records trials
     return Config.model_validate(tree)
 
 
 def run_trial(params: dict[str, Any], base_dict: dict[str, Any]) -> None:
-    """One trial (runs as a Tune function trainable)."""
+    """One trial (runs as a Tune function trainable): stage 2 from the sweep's stage-1
+    generator, stage 3, then the trial's sets evaluated one after another, reporting the
+    running mean score after each set so that ASHA can stop the trial."""
     from ray import tune
 
-    from dilm_ray.data import TextSet
-    from dilm_ray.evaluation.runner import Run, run_one
-    from dilm_ray.pipeline import CACHE_DIR, LM_DIR, load_data, setup_torch, synthesize_stage
-    from dilm_ray.data import load_file
-    from dilm_ray.train.ray_train import fit_stage
+    from dilm_ray.data import load_data, load_file
+    from dilm_ray.evaluation.job import EvalJob, eval_key, run_job
+    from dilm_ray.keys import file_digest
+    from dilm_ray.seeding import setup_torch
+    from dilm_ray.stages import BY_NAME, Context, synthesize_sets
 
     base = Config.model_validate(base_dict)
     cfg = trial_config(base, params, f"trial-{tune.get_context().get_trial_id()}")
     setup_torch(cfg)
     # every trial starts from the sweep's stage-1 generator and shares its train-embedding cache
-    (base.run_dir / CACHE_DIR).mkdir(parents=True, exist_ok=True)
-    for shared in (LM_DIR, CACHE_DIR):
-        link = cfg.run_dir / shared
+    base_layout, layout = RunLayout(base.run_dir), RunLayout(cfg.run_dir)
+    base_layout.cache.mkdir(parents=True, exist_ok=True)
+    for shared, link in ((base_layout.generator_lm, layout.generator_lm), (base_layout.cache, layout.cache)):
         if not link.exists():
             link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(base.run_dir / shared)
-    fit_stage(cfg, "distill")
+            link.symlink_to(shared)
     data = load_data(cfg)
-    written = synthesize_stage(cfg, data, "dilm")
+    ctx = Context(cfg, data, ("dilm",))
+    BY_NAME["distill"].run(ctx)
+    written = synthesize_sets(ctx, "dilm")
+    key = eval_key(cfg, data.task, data.validation, cfg.learner.model)
     cache: dict = {}
     scores: list[float] = []
     runs_per_set = cfg.evaluate.n_evals_per_dataset
     for index in range(cfg.synthesize.n_datasets):
         for dpc, paths in written.items():
-            train: TextSet = load_file(paths[index], data.task)
+            train = load_file(paths[index], data.task)
             for r in range(runs_per_set):
-                run = Run(cfg.learner.model, "dilm", dpc, index, cfg.seed + index * runs_per_set + r)
-                scores.append(run_one(cfg, data.task, data.validation, train, run, cache)["score"])
+                job = EvalJob(cfg.learner.model, "dilm", dpc, index, cfg.seed + index * runs_per_set + r)
+                scores.append(run_job(job, train, file_digest(paths[index]), data.validation, cfg, data.task, key, cache)["score"])
         tune.report({cfg.tune.metric: float(np.mean(scores)), "sets_evaluated": index + 1, "runs": len(scores), "run_dir": str(cfg.run_dir)})
 
 
@@ -118,21 +121,23 @@ def run_sweep(cfg: Config, resume: bool = False) -> str:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from dilm_ray.pipeline import LM_DIR, check_inputs, pretrain_stage
-    from dilm_ray.ray_env import ensure_ray
+    from dilm_ray.driver.ray_env import ensure_ray
+    from dilm_ray.stages import Context, check_inputs, run_stages
+    from dilm_ray.timing import StageTimer
     from dilm_ray.tracking.mlflow_store import log_artifacts, mlflow_run
 
     if not cfg.tune.space:
         raise UserError("tune.space is empty: add at least one dimension, e.g. distill.inner_loop: {type: grid, values: [5, 10]}")
     if cfg.tune.metric != "accuracy" and cfg.tune.metric != "score":
         raise UserError(f"tune.metric '{cfg.tune.metric}' is not reported by trials (use accuracy or score)")
-    check_inputs(cfg)
+    data = check_inputs(cfg)
     ensure_ray(cfg)
-    out = cfg.run_dir / TUNE_DIR
+    layout = RunLayout(cfg.run_dir)
+    out = layout.tune
     storage, name = out / "sweeps", f"{cfg.name}-tune"
-    with mlflow_run(cfg, "tune") as parent:
-        if not (cfg.run_dir / LM_DIR / "config.json").is_file():
-            pretrain_stage(cfg, parent)  # one stage-1 generator shared by every trial
+    with mlflow_run(cfg, "tune", layout.mlflow_runs, resume) as parent:
+        # one stage-1 generator shared by every trial, kept from an earlier sweep or run of this name
+        run_stages(Context(cfg, data, ("lm_only",), parent, resume=True), StageTimer(layout.timing), only=("pretrain",))
         scheduler = (
             ASHAScheduler(time_attr="training_iteration", max_t=cfg.synthesize.n_datasets, grace_period=cfg.tune.grace_period)
             if cfg.tune.scheduler == "asha"

@@ -14,27 +14,34 @@ from pathlib import Path
 from typing import Any
 
 from dilm_ray.config import Config
+from dilm_ray.layout import RunLayout
 
-STAGE_DIRS = {"pretrain": "generator-lm", "distill": "generator-dilm"}
+STAGES = ("pretrain", "distill")
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
-    """Per-worker entry point: rebuild everything from the config, resume if Ray hands a checkpoint."""
+    """Per-worker entry point: rebuild everything from the config, resume if Ray hands a checkpoint.
+
+    ``loop_config``: ``cfg`` (the config as a dict), ``stage`` (``pretrain`` or ``distill``),
+    ``source`` (the generator folder to start from; None: ``generator.model``), ``run_id`` and
+    ``tracking_uri`` (MLflow; None: no MLflow metrics).
+    """
     import ray.train
 
+    from dilm_ray.data import load_data
     from dilm_ray.models.generator import build_generator
-    from dilm_ray.pipeline import LM_DIR, generator_source, load_data, setup_torch, train_embeddings
+    from dilm_ray.seeding import setup_torch
     from dilm_ray.tracking.loggers import ConsoleLogger, MLflowLogger, MultiLogger
     from dilm_ray.train.runtime import Runtime
     from dilm_ray.train.state import TrainState
 
     cfg = Config.model_validate(loop_config["cfg"])
     stage = loop_config["stage"]
-    setup_torch(cfg)
     runtime = Runtime.from_environment()
+    setup_torch(cfg, runtime.rank)
     data = load_data(cfg, need_validation=False)
     local = Path(tempfile.mkdtemp(prefix=f"dilm-{stage}-"))
-    state, source = None, (None if stage == "pretrain" else generator_source(cfg, LM_DIR))
+    state, source = None, loop_config.get("source")
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         checkpoint.to_directory(str(local / "resume"))
@@ -71,24 +78,35 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     else:
         from dilm_ray.models.learner import build_learner
         from dilm_ray.train.distill import distill
+        from dilm_ray.train.embeddings import train_embeddings
 
         learner = build_learner(cfg.learner, data.task.num_labels, cfg.seed + runtime.rank)
         learner.model.to(runtime.device)
-        embeddings = train_embeddings(cfg, data.train, learner)
+        embeddings = train_embeddings(RunLayout(cfg.run_dir).cache, data.train, learner)
         distill(gen, learner, data.train, cfg.distill, cfg.generator, cfg.seed, runtime, logger, state, on_step, embeddings)
     shutil.rmtree(local, ignore_errors=True)
 
 
 def storage_root(cfg: Config) -> Path:
-    return Path(cfg.ray.storage_path or cfg.run_dir / "ray").expanduser().resolve()
+    """Where Ray Train keeps the stages' checkpoints: ``ray.storage_path`` or ``<run>/ray``."""
+    return Path(cfg.ray.storage_path or RunLayout(cfg.run_dir).ray).expanduser().resolve()
 
 
-def fit_stage(cfg: Config, stage: str, resume: bool = False, run_id: str | None = None, tracking_uri: str | None = None, callbacks: list | None = None) -> Path:
-    """Run ``stage`` on ``cfg.ray.num_workers`` workers; copy the final generator into the run folder."""
+def fit_stage(
+    cfg: Config, stage: str, source: str | None = None, resume: bool = False, run_id: str | None = None,
+    tracking_uri: str | None = None, callbacks: list | None = None,
+) -> Path:
+    """Run ``stage`` (``pretrain`` or ``distill``) on ``cfg.ray.num_workers`` workers, starting
+    from the generator folder ``source`` (None: ``generator.model``), and copy the final
+    generator into the run folder (``RunLayout.generator(stage)``). With ``resume`` it continues
+    from the stage's latest Ray checkpoint, if any; without, it starts clean.
+
+    Raises ``RuntimeError`` when the trainer ends without a checkpoint.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from dilm_ray.ray_env import ensure_ray
+    from dilm_ray.driver.ray_env import ensure_ray
 
     ensure_ray(cfg)
     storage, name = storage_root(cfg), f"{cfg.name}-{stage}"
@@ -96,7 +114,7 @@ def fit_stage(cfg: Config, stage: str, resume: bool = False, run_id: str | None 
         shutil.rmtree(storage / name, ignore_errors=True)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "stage": stage, "run_id": run_id, "tracking_uri": tracking_uri},
+        train_loop_config={"cfg": cfg.to_dict(), "stage": stage, "source": source, "run_id": run_id, "tracking_uri": tracking_uri},
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker={"CPU": cfg.ray.cpus_per_worker}
         ),
@@ -112,7 +130,7 @@ def fit_stage(cfg: Config, stage: str, resume: bool = False, run_id: str | None 
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"{stage} finished without a checkpoint")
-    out = cfg.run_dir / STAGE_DIRS[stage]
+    out = RunLayout(cfg.run_dir).generator(stage)
     with tempfile.TemporaryDirectory() as tmp:
         result.checkpoint.to_directory(tmp)
         shutil.rmtree(out, ignore_errors=True)

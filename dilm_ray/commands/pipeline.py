@@ -1,0 +1,226 @@
+"""The resumable pipeline behind ``dilm-ray run``, ``dilm-ray evaluate`` and ``benchmarks/glue.py``.
+
+Stages come from ``stages.STAGES``; evaluation jobs (learner x set x seed) run through an
+executor and each finished job's row is written to ``runs.csv`` at once, so an interrupted
+evaluation keeps its finished jobs and ``--resume`` runs only the rest. A row is reused only
+if its set (file digest) and its evaluation key (learner, protocol, validation rows) are
+the ones the job would use now.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from dilm_ray.config import Config
+from dilm_ray.data import TaskData, TaskSpec, TextSet, load_data, load_file
+from dilm_ray.driver.executors import executor
+from dilm_ray.errors import UserError
+from dilm_ray.evaluation.job import JOB_KEY, EvalJob, Group, eval_key, plan_for_learners, row_key, run_job
+from dilm_ray.evaluation.report import results_table, to_markdown, write_results
+from dilm_ray.keys import file_digest
+from dilm_ray.layout import RunLayout, discover_sets
+from dilm_ray.stages import Context, check_inputs, run_stages, set_files
+from dilm_ray.timing import StageTimer
+from dilm_ray.tracking.mlflow_store import log_artifacts, log_evaluation_runs, mlflow_run
+
+EVALUATION_RUNS = "evaluation runs"  # the timer's count of evaluation jobs that actually ran
+
+
+@dataclass(frozen=True)
+class LoadedSet:
+    data: TextSet
+    digest: str  # SHA-256 of the file it was read from
+    path: Path
+
+
+Groups = dict[Group, list[LoadedSet]]
+
+
+def load_groups(found: Mapping[Group, Sequence[Path]], task: TaskSpec) -> Groups:
+    """Read every set file of ``found`` ((method, dpc) -> paths) with its digest."""
+    return {group: [LoadedSet(load_file(p, task), file_digest(p), p) for p in paths] for group, paths in found.items()}
+
+
+def sets_of(ctx: Context, dpcs: Sequence[int] | None = None) -> dict[Group, list[Path]]:
+    """The config's own sets of ``ctx.methods`` (``synthesize.dpc`` or ``dpcs``), as the stages wrote them."""
+    found: dict[Group, list[Path]] = {}
+    for path in set_files(ctx, ctx.methods):
+        method, dpc = path.parents[2].name, int(path.parents[1].name.removeprefix("dpc"))
+        if dpcs is None or dpc in dpcs:
+            found.setdefault((method, dpc), []).append(path)
+    missing = [p for paths in found.values() for p in paths if not p.is_file()]
+    if missing:
+        raise UserError(f"distilled set {missing[0]} is missing ({len(missing)} sets): run the stages that make it first")
+    return found
+
+
+def evaluate_groups(
+    cfg: Config,
+    data: TaskData,
+    groups: Groups,
+    runs_csv: Path,
+    learners: Sequence[str] | None = None,
+    seeds: Mapping[str, int] | None = None,
+    resume: bool = False,
+    run_id: str | None = None,
+    timer: StageTimer | None = None,
+    parallel: bool | None = None,
+    log: Callable[[str], None] = print,
+) -> pd.DataFrame:
+    """Train and score every (learner, set, seed) job; returns every row of ``runs_csv``.
+
+    Per learner, each group gets ``synthesize.n_datasets x seeds[learner]`` runs (default
+    ``evaluate.n_evals_per_dataset`` seeds per set). Without ``resume`` ``runs_csv`` starts
+    empty; with it, rows whose job, set digest and evaluation key match a planned job are kept
+    and not run again, rows of other jobs (other learners, DPCs) are kept as they are, and
+    stale rows (same job, another set or protocol) are dropped and their jobs run. Each
+    finished job's row is appended to ``runs_csv`` and logged as an MLflow child of ``run_id``
+    at once; ``timer`` counts them under ``"evaluation runs"``.
+    """
+    if not groups:
+        raise UserError("no distilled sets to evaluate")
+    learners = list(learners or cfg.evaluate.learners or [cfg.learner.model])
+    plan = plan_for_learners(groups, learners, cfg.synthesize.n_datasets, cfg.evaluate.n_evals_per_dataset, seeds or {}, cfg.seed)
+    keys = {name: eval_key(cfg, data.task, data.validation, name) for name in learners}
+
+    def expected(job: EvalJob) -> tuple[str, ...]:
+        loaded = groups[(job.method, job.dpc)][job.set_index]
+        return row_key({**job.__dict__, "set_digest": loaded.digest, "eval_key": keys[job.learner]})
+
+    earlier = pd.read_csv(runs_csv, dtype={"set_digest": str, "eval_key": str}).to_dict("records") if resume and runs_csv.is_file() else []
+    planned = {tuple(str(getattr(j, k)) for k in JOB_KEY): expected(j) for j in plan}
+    rows = [r for r in earlier if planned.get(tuple(str(r[k]) for k in JOB_KEY), row_key(r)) == row_key(r)]
+    have = {row_key(r) for r in rows}
+    todo = [j for j in plan if expected(j) not in have]
+    stale = len(earlier) - len(rows)
+    log(f"[evaluate] {len(plan) - len(todo)} of {len(plan)} runs done earlier" + (f", {stale} stale rows dropped" if stale else ""))
+    runs_csv.parent.mkdir(parents=True, exist_ok=True)
+    _write_rows(rows, runs_csv)
+
+    def save(i: int, row: dict) -> None:
+        rows.append(row)
+        _write_rows(rows, runs_csv)
+        log_evaluation_runs(run_id, [row])
+        if timer is not None:
+            timer.add_runs(EVALUATION_RUNS, 1)
+
+    calls = []
+    for job in todo:
+        loaded = groups[(job.method, job.dpc)][job.set_index]
+        calls.append((job, loaded.data, loaded.digest, data.validation, cfg, data.task, keys[job.learner]))
+    if calls:
+        executor(cfg, parallel).map(run_job, calls, save)
+    return pd.DataFrame(rows)
+
+
+def _write_rows(rows: list[dict], path: Path) -> None:
+    tmp = path.with_suffix(".csv.tmp")  # a kill while writing must not leave half a file
+    pd.DataFrame(rows).to_csv(tmp, index=False)
+    tmp.replace(path)
+
+
+@dataclass(frozen=True)
+class Report:
+    runs: pd.DataFrame
+    table: pd.DataFrame
+    markdown: str
+    paths: list[Path]
+    stages_run: list[str]
+
+
+def run_pipeline(
+    ctx: Context,
+    timer: StageTimer,
+    results: Path,
+    learners: Sequence[str] | None = None,
+    seeds: Mapping[str, int] | None = None,
+    dpcs: Sequence[int] | None = None,
+    references: Sequence[str] = ("dilm",),
+) -> Report:
+    """Stages (``stages.plan``), then the evaluation of the sets of ``ctx.methods`` into
+    ``results`` (``runs.csv``, ``table.{csv,md}``, ``accuracy_vs_dpc.png``)."""
+    stages_run = run_stages(ctx, timer)
+    report = evaluate_and_report(ctx, timer, results, learners, seeds, dpcs, references)
+    return Report(report.runs, report.table, report.markdown, report.paths, stages_run)
+
+
+def evaluate_and_report(
+    ctx: Context,
+    timer: StageTimer,
+    results: Path,
+    learners: Sequence[str] | None = None,
+    seeds: Mapping[str, int] | None = None,
+    dpcs: Sequence[int] | None = None,
+    references: Sequence[str] = ("dilm",),
+    timer_name: str = "evaluate",
+) -> Report:
+    """The evaluation half of ``run_pipeline``: the sets the stages made, x learners x seeds."""
+    with timer.span(timer_name, count=False):
+        groups = load_groups(sets_of(ctx, dpcs), ctx.data.task)
+        runs = evaluate_groups(ctx.cfg, ctx.data, groups, results / "runs.csv", learners, seeds, ctx.resume, ctx.run_id, timer)
+    table = results_table(runs, references)
+    paths = write_results(runs, table, results, ctx.data.task.score_name)
+    return Report(runs, table, to_markdown(table, ctx.data.task.score_name), paths, [])
+
+
+CURVES = ("pretrain.lm_loss", "distill.grad_sim", "distill.match_loss", "distill.syn_lm_loss")
+
+
+def training_curves_png(run_id: str, path: Path) -> Path | None:
+    """Stage 1-2 metrics recorded in MLflow, drawn as one PNG."""
+    import mlflow
+
+    from dilm_ray.evaluation.plots import training_curves
+
+    client = mlflow.MlflowClient()
+    history = {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in CURVES}
+    history = {k: v for k, v in history.items() if v}
+    return training_curves(history, path, "DiLM training") if history else None
+
+
+def run_command(cfg: Config, resume: bool = False) -> str:
+    """``dilm-ray run``: every stage, then DiLM against the configured baselines; returns the table."""
+    layout = RunLayout(cfg.run_dir)
+    check_inputs(cfg)
+    data = load_data(cfg)
+    if not resume:
+        layout.timing.unlink(missing_ok=True)
+    timer = StageTimer(layout.timing)
+    methods = ("dilm", *cfg.evaluate.baselines)
+    with mlflow_run(cfg, "run", layout.mlflow_runs, resume) as run_id:
+        report = run_pipeline(Context(cfg, data, methods, run_id, resume), timer, layout.results)
+        (layout.results / "timing.md").write_text(timer.markdown() + "\n")
+        log_artifacts(run_id, [*report.paths, layout.results / "timing.md", layout.timing], "results")
+        if run_id is not None:
+            import mlflow
+
+            mlflow.log_metrics({f"seconds.{k}": v for k, v in timer.seconds.items()})
+            curves = training_curves_png(run_id, layout.results / "training_curves.png")
+            log_artifacts(run_id, [curves] if curves else [], "results")
+    return f"{report.markdown}\n\n{timer.markdown()}"
+
+
+def evaluate_command(cfg: Config, learners: Sequence[str] = (), data_path: Path | None = None, resume: bool = False) -> str:
+    """``dilm-ray evaluate``: every set under the run's ``distilled/`` (or ``data_path``, a file
+    or a folder of ``<method>/dpc<D>/set<i>/``) x learners x seeds; returns the table."""
+    layout = RunLayout(cfg.run_dir)
+    data = load_data(cfg)
+    source = data_path or layout.distilled
+    if source.is_file():
+        found = {(source.stem, 0): [source]}
+    else:
+        found = discover_sets(source)
+        if not found:
+            raise UserError(f"no distilled sets under {source} (expected <method>/dpc<D>/set<i>/train.jsonl or train.parquet)")
+    groups = load_groups(found, data.task)
+    timer = StageTimer(layout.timing)
+    with mlflow_run(cfg, "evaluate", layout.mlflow_runs, resume) as run_id:
+        with timer.span("evaluate", count=False):
+            runs = evaluate_groups(cfg, data, groups, layout.runs_csv, learners, None, resume, run_id, timer)
+        table = results_table(runs)
+        log_artifacts(run_id, write_results(runs, table, layout.results, data.task.score_name), "results")
+    return to_markdown(table, data.task.score_name)

@@ -1,0 +1,77 @@
+"""The leaf of evaluation: one (learner, distilled set, seed) job, and the plan of all jobs.
+
+A job trains a fresh learner on one set and scores it on the validation split (DiLM Sec. 4.1:
+"we train a learner on the distilled set and evaluate it on the validation set", each set
+with several learner seeds). Executors (``driver.executors``) run ``run_job`` in-process or as
+Ray tasks; reporting (``evaluation.report``) turns the rows into tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+from dilm_ray.config import Config
+from dilm_ray.data import TaskSpec, TextSet
+from dilm_ray.evaluation.learners import describe, evaluate_learner
+from dilm_ray.keys import content_key
+
+Group = tuple[str, int]  # (method, dpc)
+JOB_KEY = ("learner", "method", "dpc", "set_index", "seed")  # a job's identity in a plan
+ROW_KEY = (*JOB_KEY, "set_digest", "eval_key")  # a recorded row's identity: also what it was computed from
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    learner: str
+    method: str
+    dpc: int
+    set_index: int
+    seed: int
+
+
+def plan_jobs(groups: Mapping[Group, Sequence], runs_per_group: int, seed: int, learners: Sequence[str]) -> list[EvalJob]:
+    """``runs_per_group`` jobs per (learner, group) with seeds ``seed .. seed + runs - 1``.
+
+    A group with fewer sets (herding: 1) cycles through them so that every group gets the
+    same runs with the same seeds. Groups take turns, so an interrupted evaluation leaves
+    every method with about as many runs.
+    """
+    return [
+        EvalJob(learner, method, dpc, r % len(sets), seed + r)
+        for learner in learners
+        for r in range(runs_per_group)
+        for (method, dpc), sets in groups.items()
+    ]
+
+
+def plan_for_learners(
+    groups: Mapping[Group, Sequence], learners: Sequence[str], n_sets: int, seeds_per_set: int, seeds: Mapping[str, int], seed: int
+) -> list[EvalJob]:
+    """Every learner's jobs: ``n_sets x seeds.get(learner, seeds_per_set)`` per group. A learner
+    with fewer seeds per set gets a prefix of the full plan's jobs (the same sets and seeds)."""
+    return [job for name in learners for job in plan_jobs(groups, n_sets * seeds.get(name, seeds_per_set), seed, [name])]
+
+
+def eval_key(cfg: Config, task: TaskSpec, validation: TextSet, learner: str) -> str:
+    """What a job's score depends on besides its set and seed: the learner name and config,
+    the training protocol (``evaluate`` minus the keys that only choose which jobs run), the
+    task's metric and the validation rows themselves (not the path they came from)."""
+    protocol = cfg.evaluate.model_dump(mode="json", exclude={"n_evals_per_dataset", "baselines", "learners", "parallel"})
+    return content_key(learner, cfg.learner.model_dump(mode="json"), protocol, task.metric, task.label_names, validation.digest())
+
+
+def run_job(job: EvalJob, train: TextSet, set_digest: str, validation: TextSet, cfg: Config, task: TaskSpec, key: str, cache: dict | None = None) -> dict:
+    """Train ``job.learner`` on ``train`` with ``job.seed`` and score it on ``validation``.
+
+    Returns one row: the job's fields, ``family``, ``set_digest`` and ``eval_key`` (what the row
+    was computed from), ``accuracy``/``score`` (and ``f1`` for accuracy_f1 tasks) as fractions
+    in [0, 1], and ``seconds`` of training and prediction (model loading excluded).
+    """
+    result = evaluate_learner(job.learner, train, validation, cfg, task, job.seed, cache)
+    return {**asdict(job), "family": describe(job.learner), **result, "set_digest": set_digest, "eval_key": key}
+
+
+def row_key(row: Mapping) -> tuple[str, ...]:
+    """A recorded row's identity (values as text: a CSV reads them back as numbers)."""
+    return tuple(str(row.get(k, "")) for k in ROW_KEY)

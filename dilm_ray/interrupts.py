@@ -1,0 +1,47 @@
+"""Interrupts that end a command cleanly.
+
+SIGTERM (what ``kill`` and job schedulers send) raises :class:`Interrupted` in the main thread,
+as Ctrl-C raises ``KeyboardInterrupt``; it subclasses ``KeyboardInterrupt`` so that no
+``except Exception`` swallows it. Commands catch both, mark their MLflow run KILLED, keep what
+finished (stage checkpoints, evaluation rows) and exit with 128 + the signal number, so that
+``--resume`` continues from there.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+
+class Interrupted(KeyboardInterrupt):
+    """A termination signal arrived (``signum``: the signal number)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+def _raise(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
+_installed = False
+
+
+def install() -> None:
+    """Turn SIGTERM into :class:`Interrupted` (main thread only; a no-op elsewhere)."""
+    global _installed
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise)
+        _installed = True
+
+
+def reinstall() -> None:
+    """Install again after a library replaced the handler (``ray.init`` sets SIGTERM to ``sys.exit``)."""
+    if _installed:
+        install()
+
+
+def exit_code(err: KeyboardInterrupt) -> int:
+    """128 + the signal number, as a shell reports a process ended by that signal."""
+    return 128 + (err.signum if isinstance(err, Interrupted) else signal.SIGINT)

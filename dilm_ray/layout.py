@@ -1,0 +1,105 @@
+"""Every folder and file of a run, named once.
+
+``<output_dir>/<name>/`` (``RunLayout(cfg.run_dir)``):
+
+| path | what |
+|---|---|
+| ``generator-lm/`` | stage 1: the LM-only generator (a ``from_pretrained`` folder, ``train_state.pt``, ``stage.json``) |
+| ``generator-dilm/`` | stage 2: the DiLM generator |
+| ``distilled/<method>/dpc<D>/set<i>/train.{jsonl,parquet}`` | stage 3 and the coresets: one distilled set |
+| ``distilled/<method>/preview.md`` | a few samples per label of set 0 |
+| ``results/`` | ``runs.csv`` (one row per evaluation run), ``table.{csv,md}``, plots |
+| ``cache/`` | train-row embeddings shared by stage 2 and the coresets |
+| ``ray/`` | Ray Train checkpoints of stages 1-2 (``ray.storage_path`` moves them) |
+| ``tune/`` | ``dilm-ray tune``: trials, ``ranking.csv``, ``best.yaml``, ``best-distilled/`` |
+| ``timing.json`` | wall time and invocations per stage, summed over resumed invocations |
+| ``mlflow-runs.json`` | the MLflow run of each command, reopened by ``--resume`` |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+GENERATED = ("dilm", "lm_only")  # methods whose sets come from a generator
+CORESETS = ("random", "k_centers", "herding")  # real train rows picked by a rule
+METHODS = GENERATED + CORESETS
+SET_FILES = ("train.jsonl", "train.parquet")  # what a set folder may hold, preferred first
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    @property
+    def generator_lm(self) -> Path:
+        return self.root / "generator-lm"
+
+    @property
+    def generator_dilm(self) -> Path:
+        return self.root / "generator-dilm"
+
+    def generator(self, stage: str) -> Path:
+        """The checkpoint folder of ``stage`` (``pretrain`` or ``distill``)."""
+        return {"pretrain": self.generator_lm, "distill": self.generator_dilm}[stage]
+
+    @property
+    def distilled(self) -> Path:
+        return self.root / "distilled"
+
+    def method_dir(self, method: str) -> Path:
+        return self.distilled / method
+
+    def set_dir(self, method: str, dpc: int, index: int) -> Path:
+        return self.distilled / method / f"dpc{dpc}" / f"set{index}"
+
+    def set_file(self, method: str, dpc: int, index: int) -> Path | None:
+        """The set's data file, or None when the set has not been made."""
+        return find_set_file(self.set_dir(method, dpc, index))
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results"
+
+    @property
+    def runs_csv(self) -> Path:
+        return self.results / "runs.csv"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def ray(self) -> Path:
+        return self.root / "ray"
+
+    @property
+    def tune(self) -> Path:
+        return self.root / "tune"
+
+    @property
+    def timing(self) -> Path:
+        return self.root / "timing.json"
+
+    @property
+    def mlflow_runs(self) -> Path:
+        return self.root / "mlflow-runs.json"
+
+
+def find_set_file(folder: Path) -> Path | None:
+    for name in SET_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def discover_sets(root: Path) -> dict[tuple[str, int], list[Path]]:
+    """``<root>/<method>/dpc<D>/set<i>/train.{jsonl,parquet}`` grouped by (method, DPC), sets in index order."""
+    found: dict[tuple[str, int], list[tuple[int, Path]]] = {}
+    for folder in root.glob("*/dpc*/set*"):
+        path = find_set_file(folder)
+        dpc, index = folder.parent.name.removeprefix("dpc"), folder.name.removeprefix("set")
+        if path is None or not dpc.isdigit() or not index.isdigit():
+            continue
+        found.setdefault((folder.parents[1].name, int(dpc)), []).append((int(index), path))
+    return {group: [p for _, p in sorted(sets)] for group, sets in sorted(found.items())}

@@ -1,0 +1,296 @@
+"""The pipeline's stages in one table: name, what it needs, its outputs, whether it is done, how to run it.
+
+``dilm-ray run``, ``dilm-ray tune`` and ``benchmarks/glue.py`` all plan and run stages from
+``STAGES``. A stage is done when its outputs exist and were made from the same inputs: each
+output folder holds a ``stage.json`` with the key of the config values it depends on, and a
+resumed pipeline refuses (one line) to reuse an output made with other values. Outputs that
+predate ``stage.json`` count as done.
+
+| stage | needs | outputs (``layout.RunLayout``) |
+|---|---|---|
+| ``pretrain`` | | ``generator-lm/`` (stage 1, Ray Train) |
+| ``distill`` | pretrain | ``generator-dilm/`` (stage 2, Ray Train) |
+| ``synthesize_dilm`` | distill | ``distilled/dilm/dpc<D>/set<i>/`` (stage 3) |
+| ``synthesize_lm_only`` | pretrain | ``distilled/lm_only/...`` (stage 3 from the stage-1 generator) |
+| ``coreset`` | | ``distilled/{random,k_centers,herding}/...`` |
+
+Evaluation is not a stage of this table: its unit is the evaluation job, and
+``commands.pipeline`` keeps finished jobs' rows instead of whole outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from dilm_ray.config import Config
+from dilm_ray.data import TaskData, TaskSpec, TextSet, load_data, load_file
+from dilm_ray.errors import UserError
+from dilm_ray.keys import content_key
+from dilm_ray.layout import CORESETS, RunLayout
+from dilm_ray.timing import StageTimer
+from dilm_ray.tracking.mlflow_store import log_artifacts, tracking_uri
+
+STAGE_FILE = "stage.json"
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a stage runs with: the config, the loaded data, the methods whose sets are wanted,
+    the MLflow run to log to (None: none) and whether to continue interrupted work."""
+
+    cfg: Config
+    data: TaskData
+    methods: tuple[str, ...]
+    run_id: str | None = None
+    resume: bool = False
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.cfg.run_dir)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    needs: tuple[str, ...]
+    outputs: Callable[[Context], list[Path]]  # the folders the stage writes (each gets a stage.json)
+    files: Callable[[Context], list[Path]]  # the files whose existence means the stage is done
+    key: Callable[[Config], str]  # digest of the config values the outputs depend on
+    run: Callable[[Context], object]
+
+    def wanted(self, ctx: Context) -> bool:
+        """Whether the stage has outputs for ``ctx.methods`` at all."""
+        return bool(self.outputs(ctx))
+
+    def done(self, ctx: Context) -> bool:
+        """All output files exist; raises ``UserError`` when they were made from other inputs."""
+        if not all(f.is_file() for f in self.files(ctx)):
+            return False
+        expected = self.key(ctx.cfg)
+        for folder in self.outputs(ctx):
+            marker = folder / STAGE_FILE
+            if marker.is_file() and json.loads(marker.read_text()).get("key") != expected:
+                raise UserError(
+                    f"{folder} was made from other settings than {ctx.cfg.name}'s (stage {self.name}): "
+                    "run without --resume to make it again, or give the run another name"
+                )
+        return True
+
+    def mark(self, ctx: Context) -> None:
+        for folder in self.outputs(ctx):
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / STAGE_FILE).write_text(json.dumps({"stage": self.name, "key": self.key(ctx.cfg)}) + "\n")
+
+
+# ---- keys: the config values each stage's outputs depend on ---------------------------------
+
+
+def _data_key(cfg: Config) -> dict:
+    # not data.path (machine-specific; the rows are what matter and the seed picks them) nor the validation split
+    return cfg.data.model_dump(mode="json", exclude={"path", "validation_split", "max_validation_samples"})
+
+
+def _pretrain_key(cfg: Config) -> str:
+    return content_key(_data_key(cfg), cfg.generator.model_dump(mode="json"), cfg.pretrain.model_dump(mode="json", exclude={"log_every", "checkpoint_every"}), cfg.seed, cfg.ray.num_workers)
+
+
+def _distill_key(cfg: Config) -> str:
+    distill = cfg.distill.model_dump(mode="json", exclude={"log_every", "checkpoint_every"})
+    return content_key(_pretrain_key(cfg), cfg.learner.model_dump(mode="json"), distill)
+
+
+def _synthesize_key(source_key: Callable[[Config], str]) -> Callable[[Config], str]:
+    # synthesize.dpc and n_datasets only say which sets exist: set i of DPC d is seeded by (seed, d, i)
+    return lambda cfg: content_key(source_key(cfg), cfg.learner.model_dump(mode="json"), cfg.synthesize.model_dump(mode="json", exclude={"dpc", "n_datasets"}), cfg.seed)
+
+
+def _coreset_key(cfg: Config) -> str:
+    return content_key(_data_key(cfg), cfg.learner.model_dump(mode="json"))
+
+
+# ---- outputs ----------------------------------------------------------------------------------
+
+
+def n_sets(cfg: Config, method: str) -> int:
+    """Sets per DPC of ``method``: herding is deterministic, so it has one."""
+    return 1 if method == "herding" else cfg.synthesize.n_datasets
+
+
+def set_files(ctx: Context, methods: Sequence[str]) -> list[Path]:
+    """The jsonl file of every set of ``methods`` the config asks for (existing or not)."""
+    layout = ctx.layout
+    return [layout.set_dir(m, d, i) / "train.jsonl" for m in methods for d in ctx.cfg.synthesize.dpc for i in range(n_sets(ctx.cfg, m))]
+
+
+def _coresets(ctx: Context) -> list[str]:
+    return [m for m in CORESETS if m in ctx.methods]
+
+
+# ---- how each stage runs ----------------------------------------------------------------------
+
+
+def generator_source(path: Path) -> str:
+    """``path`` as a generator to load; ``UserError`` when it holds no checkpoint."""
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} does not hold a generator checkpoint: run the earlier stage first")
+    return str(path)
+
+
+def _fit(stage: str) -> Callable[[Context], Path]:
+    def run(ctx: Context) -> Path:
+        from dilm_ray.driver.ray_train import fit_stage
+
+        source = None if stage == "pretrain" else generator_source(ctx.layout.generator_lm)
+        uri = tracking_uri(ctx.cfg) if ctx.run_id else None
+        return fit_stage(ctx.cfg, stage, source, ctx.resume, ctx.run_id, uri)
+
+    return run
+
+
+def synthesize_sets(ctx: Context, method: str) -> dict[int, list[Path]]:
+    """Distilled sets from the DiLM generator (``method="dilm"``) or the LM-only one (``"lm_only"``).
+
+    With ``ctx.resume`` the sets already on disk are kept and only the missing ones are made
+    (set i has its own seed, so it comes out the same); otherwise every set is made afresh.
+    """
+    from dilm_ray.models.generator import build_generator
+    from dilm_ray.models.learner import build_learner
+    from dilm_ray.synthesis import synthesize
+
+    cfg, layout, task = ctx.cfg, ctx.layout, ctx.data.task
+    gen = build_generator(cfg.generator, task, generator_source(layout.generator_dilm if method == "dilm" else layout.generator_lm))
+    learner = build_learner(cfg.learner, task.num_labels, cfg.seed)
+    written: dict[int, list[Path]] = {}
+    previews = []
+    for dpc in cfg.synthesize.dpc:
+        written[dpc] = [layout.set_dir(method, dpc, i) / "train.jsonl" for i in range(cfg.synthesize.n_datasets)]
+        todo = [i for i, path in enumerate(written[dpc]) if not (ctx.resume and path.is_file())]
+        _, dropped = synthesize(
+            gen, learner, cfg.synthesize, cfg.generator, dpc, cfg.seed, indices=todo, on_set=lambda i, s: s.save(layout.set_dir(method, dpc, i))
+        )
+        print(f"{method} dpc={dpc}: {len(todo)} sets made, {len(written[dpc]) - len(todo)} kept, {dropped} malformed samples dropped and regenerated")
+        previews.append(preview(load_file(written[dpc][0], task), task, f"{method}, DPC {dpc}, set 0"))
+    (layout.method_dir(method) / "preview.md").write_text("\n\n".join(previews) + "\n")
+    log_artifacts(ctx.run_id, [layout.method_dir(method)], f"distilled/{method}")
+    return written
+
+
+def preview(data: TextSet, task: TaskSpec, title: str, per_label: int = 5) -> str:
+    """A few samples per label as markdown, for people browsing MLflow artifacts."""
+    lines = [f"### {title}"]
+    for label, name in enumerate(task.label_names):
+        lines.append(f"**{name}**")
+        for i in data.indices_of(label)[:per_label]:
+            lines.append("- " + " ‖ ".join(t.replace("\n", " ") for t in data.texts[i]))
+    return "\n".join(lines)
+
+
+ROWS_FILE = "rows.jsonl"  # a coreset's train row indices, one {"row": i} per line
+
+
+def coreset_sets(ctx: Context, methods: Sequence[str] | None = None) -> dict[str, dict[int, list[Path]]]:
+    """Random and K-centers sets differ per index (seed i); herding is deterministic (one set).
+
+    Each set folder also gets ``rows.jsonl``, the indices of its rows in the loaded train split,
+    so a record can rebuild the set from the real data without keeping a copy of it.
+    """
+    import torch
+
+    from dilm_ray.models.learner import build_learner
+    from dilm_ray.synthesis import coreset
+    from dilm_ray.train.embeddings import train_embeddings
+
+    cfg, data, layout = ctx.cfg, ctx.data, ctx.layout
+    methods = list(methods if methods is not None else _coresets(ctx))
+    needs_embeddings = any(m != "random" for m in methods)
+    learner = build_learner(cfg.learner, data.task.num_labels, cfg.seed) if needs_embeddings else None
+    embeddings = train_embeddings(layout.cache, data.train, learner) if learner else torch.zeros(len(data.train), 1)
+    written: dict[str, dict[int, list[Path]]] = {}
+    for method in methods:
+        written[method] = {}
+        for dpc in cfg.synthesize.dpc:
+            written[method][dpc] = []
+            for i in range(n_sets(cfg, method)):
+                folder = layout.set_dir(method, dpc, i)
+                subset, rows = coreset(data.train, embeddings, dpc, method, seed=i)
+                subset.save(folder)
+                (folder / ROWS_FILE).write_text("".join(json.dumps({"row": int(r)}) + "\n" for r in rows))
+                written[method][dpc].append(folder / "train.jsonl")
+    return written
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("pretrain", (), lambda ctx: [ctx.layout.generator_lm], lambda ctx: [ctx.layout.generator_lm / "config.json"], _pretrain_key, _fit("pretrain")),
+    Stage("distill", ("pretrain",), lambda ctx: [ctx.layout.generator_dilm], lambda ctx: [ctx.layout.generator_dilm / "config.json"], _distill_key, _fit("distill")),
+    Stage(
+        "synthesize_dilm", ("distill",),
+        lambda ctx: [ctx.layout.method_dir("dilm")] if "dilm" in ctx.methods else [],
+        lambda ctx: set_files(ctx, ["dilm"]) if "dilm" in ctx.methods else [],
+        _synthesize_key(_distill_key), lambda ctx: synthesize_sets(ctx, "dilm"),
+    ),
+    Stage(
+        "synthesize_lm_only", ("pretrain",),
+        lambda ctx: [ctx.layout.method_dir("lm_only")] if "lm_only" in ctx.methods else [],
+        lambda ctx: set_files(ctx, ["lm_only"]) if "lm_only" in ctx.methods else [],
+        _synthesize_key(_pretrain_key), lambda ctx: synthesize_sets(ctx, "lm_only"),
+    ),
+    Stage(
+        "coreset", (),
+        lambda ctx: [ctx.layout.method_dir(m) for m in _coresets(ctx)],
+        lambda ctx: set_files(ctx, _coresets(ctx)),
+        _coreset_key, lambda ctx: coreset_sets(ctx),
+    ),
+)
+BY_NAME = {s.name: s for s in STAGES}
+
+
+def plan(ctx: Context, only: Sequence[str] | None = None) -> list[Stage]:
+    """The stages to run, in table order: every wanted stage (one with outputs for
+    ``ctx.methods``, or one named in ``only``) and what it needs. With ``ctx.resume`` a stage that is done is left out,
+    and so is a stage only needed by stages that are done: a generator is trained again only
+    if a set it feeds is missing."""
+    chosen: set[str] = set()
+
+    def need(stage: Stage) -> None:
+        if stage.name in chosen or (ctx.resume and stage.done(ctx)):
+            return
+        chosen.add(stage.name)
+        for dep in stage.needs:
+            need(BY_NAME[dep])
+
+    targets = [BY_NAME[n] for n in only] if only is not None else [s for s in STAGES if s.wanted(ctx)]
+    for stage in targets:
+        need(stage)
+    return [s for s in STAGES if s.name in chosen]
+
+
+def run_stages(ctx: Context, timer: StageTimer, log: Callable[[str], None] = print, only: Sequence[str] | None = None) -> list[str]:
+    """Run ``plan(ctx, only)``; returns the names of the stages that ran. Each stage's wall
+    time and invocation count go to ``timer``; a stage that finishes writes its ``stage.json``."""
+    todo = plan(ctx, only)
+    for stage in STAGES:
+        if stage not in todo and (stage.name in only if only is not None else stage.wanted(ctx)):
+            log(f"[{stage.name}] done earlier, skipped")
+    for stage in todo:
+        log(f"[{stage.name}] ...")
+        with timer.span(stage.name):
+            stage.run(ctx)
+        stage.mark(ctx)
+    return [s.name for s in todo]
+
+
+def check_inputs(cfg: Config) -> TaskData:
+    """Load the train rows and resolve both models in the driver, so that user errors are one
+    line here rather than tracebacks from inside Ray workers."""
+    from transformers import AutoConfig
+
+    from dilm_ray.models.registry import load_with_hint
+
+    data = load_data(cfg, need_validation=False)
+    load_with_hint("generator.model", cfg.generator.model, AutoConfig.from_pretrained)
+    load_with_hint("learner.model", cfg.learner.model, AutoConfig.from_pretrained)
+    return data
+

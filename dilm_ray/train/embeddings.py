@@ -1,0 +1,32 @@
+"""The learner's embeddings of the train rows, cached: stage 2's teacher sets and the coresets use the same ones."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from dilm_ray.data.dataset import TextSet
+from dilm_ray.keys import content_key
+from dilm_ray.models.learner import Learner
+
+
+def train_embeddings(cache_dir: Path, train: TextSet, learner: Learner) -> torch.Tensor:
+    """``learner.embed(train)``: float32 [n_rows, hidden], cached in ``cache_dir``.
+
+    The key is the learner's ``signature()`` (model weights, tokenizer, encoding, pooling,
+    dtype) and the digest of the rows themselves, so any change of either misses the cache.
+    The body is pretrained and embedding runs in eval mode, so the learner's seed does not
+    change the result and is not part of the key.
+    """
+    key = content_key(learner.signature(), train.digest())
+    path = cache_dir / f"train-embeddings-{key}.pt"
+    if path.is_file():
+        return torch.load(path)
+    embeddings = learner.embed(train, progress=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # workers may race: the last rename wins, all equal
+    torch.save(embeddings, tmp)
+    tmp.replace(path)
+    return embeddings

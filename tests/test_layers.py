@@ -1,0 +1,32 @@
+"""The layer contract of pyproject.toml ([tool.importlinter]), checked by import-linter."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def _lint(cwd: Path) -> subprocess.CompletedProcess:
+    lint = Path(sys.executable).with_name("lint-imports")
+    return subprocess.run([str(lint), "--no-cache"], cwd=cwd, capture_output=True, text=True, env={"PYTHONPATH": str(cwd), "PATH": "/usr/bin:/bin"})
+
+
+def test_every_layer_imports_only_layers_below_it_and_no_cycle_exists():
+    result = _lint(ROOT)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "2 kept, 0 broken" in result.stdout
+
+
+def test_the_contract_fails_on_an_upward_import(tmp_path):
+    """A copy of the package where a training loop reaches up into a stage must break the contract."""
+    shutil.copytree(ROOT / "dilm_ray", tmp_path / "dilm_ray", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    loop = tmp_path / "dilm_ray" / "train" / "pretrain.py"
+    loop.write_text(loop.read_text() + "\nfrom dilm_ray.stages import STAGES  # noqa\n")
+    result = _lint(tmp_path)
+    assert result.returncode != 0
+    assert "dilm_ray.train.pretrain -> dilm_ray.stages" in result.stdout
