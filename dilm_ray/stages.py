@@ -61,9 +61,12 @@ class Stage:
     key: Callable[[Config], str]  # digest of the config values the outputs depend on
     run: Callable[[Context], object]
 
+    makes_sets: bool = False  # a stage whose outputs are distilled sets: a target of the pipeline
+
     def wanted(self, ctx: Context) -> bool:
-        """Whether the stage has outputs for ``ctx.methods`` at all."""
-        return bool(self.outputs(ctx))
+        """Whether the pipeline wants this stage's outputs for themselves: sets of ``ctx.methods``.
+        The generator stages are wanted only through the stages that need them."""
+        return self.makes_sets and bool(self.outputs(ctx))
 
     def done(self, ctx: Context) -> bool:
         """All output files exist; raises ``UserError`` when they were made from other inputs."""
@@ -229,19 +232,19 @@ STAGES: tuple[Stage, ...] = (
         "synthesize_dilm", ("distill",),
         lambda ctx: [ctx.layout.method_dir("dilm")] if "dilm" in ctx.methods else [],
         lambda ctx: set_files(ctx, ["dilm"]) if "dilm" in ctx.methods else [],
-        _synthesize_key(_distill_key), lambda ctx: synthesize_sets(ctx, "dilm"),
+        _synthesize_key(_distill_key), lambda ctx: synthesize_sets(ctx, "dilm"), makes_sets=True,
     ),
     Stage(
         "synthesize_lm_only", ("pretrain",),
         lambda ctx: [ctx.layout.method_dir("lm_only")] if "lm_only" in ctx.methods else [],
         lambda ctx: set_files(ctx, ["lm_only"]) if "lm_only" in ctx.methods else [],
-        _synthesize_key(_pretrain_key), lambda ctx: synthesize_sets(ctx, "lm_only"),
+        _synthesize_key(_pretrain_key), lambda ctx: synthesize_sets(ctx, "lm_only"), makes_sets=True,
     ),
     Stage(
         "coreset", (),
         lambda ctx: [ctx.layout.method_dir(m) for m in _coresets(ctx)],
         lambda ctx: set_files(ctx, _coresets(ctx)),
-        _coreset_key, lambda ctx: coreset_sets(ctx),
+        _coreset_key, lambda ctx: coreset_sets(ctx), makes_sets=True,
     ),
 )
 BY_NAME = {s.name: s for s in STAGES}
@@ -271,9 +274,19 @@ def run_stages(ctx: Context, timer: StageTimer, log: Callable[[str], None] = pri
     """Run ``plan(ctx, only)``; returns the names of the stages that ran. Each stage's wall
     time and invocation count go to ``timer``; a stage that finishes writes its ``stage.json``."""
     todo = plan(ctx, only)
+    relevant: set[str] = set()
+
+    def add(stage: Stage) -> None:
+        relevant.add(stage.name)
+        for dep in stage.needs:
+            add(BY_NAME[dep])
+
     for stage in STAGES:
-        if stage not in todo and (stage.name in only if only is not None else stage.wanted(ctx)):
-            log(f"[{stage.name}] done earlier, skipped")
+        if stage.name in only if only is not None else stage.wanted(ctx):
+            add(stage)
+    for stage in STAGES:
+        if stage not in todo and stage.name in relevant:
+            log(f"[{stage.name}] done earlier, skipped" if stage.done(ctx) else f"[{stage.name}] not needed: the sets it feeds exist, skipped")
     for stage in todo:
         log(f"[{stage.name}] ...")
         with timer.span(stage.name):
