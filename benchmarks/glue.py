@@ -35,7 +35,7 @@ import click
 from dilm_ray import interrupts
 from dilm_ray.config import Config, load_config
 from dilm_ray.errors import UserError
-from dilm_ray.layout import CORESETS, GENERATED, METHODS, RunLayout, discover_sets
+from dilm_ray.layout import GENERATED, METHODS, ROWS_FILE, RunLayout, discover_sets
 
 # Scale of the distilled-set evaluation (and, for smoke, of the stages): sets per cell x seeds per set.
 BUDGETS = {
@@ -70,7 +70,7 @@ def restore_record(record: Path, run_dir: Path, train) -> int:
     ``coresets.json``. Returns the number of sets restored."""
     digests = _coreset_digests(record)
     restored = 0
-    for (method, _dpc), paths in discover_sets(record / "distilled").items():
+    for paths in discover_sets(RunLayout(record).distilled).values():
         for path in paths:
             target = run_dir / path.relative_to(record)
             if target.parent.joinpath("train.jsonl").is_file():
@@ -78,7 +78,7 @@ def restore_record(record: Path, run_dir: Path, train) -> int:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target.parent / "train.jsonl")
             restored += 1
-    for rows_file in sorted((record / "distilled").glob("*/dpc*/set*/rows.jsonl")):
+    for rows_file in sorted(RunLayout(record).distilled.glob(f"*/dpc*/set*/{ROWS_FILE}")):
         folder = run_dir / rows_file.parent.relative_to(record)
         if (folder / "train.jsonl").is_file():
             continue
@@ -86,7 +86,7 @@ def restore_record(record: Path, run_dir: Path, train) -> int:
         if max(rows, default=-1) >= len(train):
             raise UserError(f"{rows_file}: row {max(rows)} is outside the {len(train)} train rows of this config")
         train.select(rows).save(folder)
-        shutil.copy2(rows_file, folder / "rows.jsonl")
+        shutil.copy2(rows_file, folder / ROWS_FILE)
         _check_digest(run_dir, folder / "train.jsonl", digests, record)
         restored += 1
     return restored
@@ -97,7 +97,7 @@ def save_record(run_dir: Path, record: Path, methods: list[str]) -> None:
     (and ``preview.md``), coresets' ``rows.jsonl`` and their digests in ``coresets.json``."""
     digests = _coreset_digests(record)
     for method in methods:
-        source = run_dir / "distilled" / method
+        source = RunLayout(run_dir).method_dir(method)
         if method in GENERATED:
             for path in [*sorted(source.glob("dpc*/set*/train.jsonl")), source / "preview.md"]:
                 target = record / path.relative_to(run_dir)
@@ -107,7 +107,7 @@ def save_record(run_dir: Path, record: Path, methods: list[str]) -> None:
         else:
             for path in sorted(source.glob("dpc*/set*/train.jsonl")):
                 _check_digest(run_dir, path, digests, record)
-                rows = path.parent / "rows.jsonl"
+                rows = path.parent / ROWS_FILE
                 target = record / rows.relative_to(run_dir)
                 if rows.is_file() and not target.exists():
                     target.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@
 |---|---|
 | ``generator-lm/`` | stage 1: the LM-only generator (a ``from_pretrained`` folder, ``train_state.pt``, ``stage.json``) |
 | ``generator-dilm/`` | stage 2: the DiLM generator |
-| ``distilled/<method>/dpc<D>/set<i>/train.{jsonl,parquet}`` | stage 3 and the coresets: one distilled set |
+| ``distilled/<method>/dpc<D>/set<i>/train.{jsonl,parquet}`` | stage 3 and the coresets: one distilled set (coresets also ``rows.jsonl``) |
 | ``distilled/<method>/preview.md`` | a few samples per label of set 0 |
 | ``results/`` | ``runs.csv`` (one row per evaluation run), ``table.{csv,md}``, plots |
 | ``cache/`` | train-row embeddings shared by stage 2 and the coresets |
@@ -25,6 +25,7 @@ GENERATED = ("dilm", "lm_only")  # methods whose sets come from a generator
 CORESETS = ("random", "k_centers", "herding")  # real train rows picked by a rule
 METHODS = GENERATED + CORESETS
 SET_FILES = ("train.jsonl", "train.parquet")  # what a set folder may hold, preferred first
+ROWS_FILE = "rows.jsonl"  # a coreset's rows as indices into the loaded train split, one {"row": i} per line
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from dilm_ray.config import Config
 from dilm_ray.data import TaskData, TaskSpec, TextSet, load_data, load_file
 from dilm_ray.errors import UserError
 from dilm_ray.keys import content_key
-from dilm_ray.layout import CORESETS, RunLayout
+from dilm_ray.layout import CORESETS, ROWS_FILE, RunLayout
 from dilm_ray.timing import StageTimer
 from dilm_ray.tracking.mlflow_store import log_artifacts, tracking_uri
 
@@ -189,9 +189,6 @@ def preview(data: TextSet, task: TaskSpec, title: str, per_label: int = 5) -> st
         for i in data.indices_of(label)[:per_label]:
             lines.append("- " + " ‖ ".join(t.replace("\n", " ") for t in data.texts[i]))
     return "\n".join(lines)
-
-
-ROWS_FILE = "rows.jsonl"  # a coreset's train row indices, one {"row": i} per line
 
 
 def coreset_sets(ctx: Context, methods: Sequence[str] | None = None) -> dict[str, dict[int, list[Path]]]:

@@ -10,7 +10,6 @@ def test_fused_adamw_matches_reference_update():
     ours = [torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(4))]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     opt = adamw(ours, lr=1e-2, weight_decay=0.1)
-    assert opt.defaults["fused"]
     # reference: the same groups (decay on the matrix only) on the unfused loop
     ref_opt = torch.optim.AdamW([{"params": ref[:1], "weight_decay": 0.1}, {"params": ref[1:], "weight_decay": 0.0}], lr=1e-2, foreach=False)
     for _ in range(3):
@@ -21,7 +20,22 @@ def test_fused_adamw_matches_reference_update():
             o.step()
     for a, b in zip(ours, ref):
         assert torch.allclose(a, b, atol=1e-6)
-    assert not torch.allclose(ours[0], ref[0].new_zeros(()))
+
+
+def test_weight_decay_skips_vectors_and_flagged_embeddings():
+    matrix, bias, embedding = (torch.nn.Parameter(torch.ones(*shape)) for shape in ((3, 2), (3,), (5, 2)))
+    embedding._dilm_no_decay = True  # embeddings whose rows are gradient-masked (label tokens)
+    frozen = torch.nn.Parameter(torch.ones(2, 2), requires_grad=False)
+    groups = {g["weight_decay"]: g["params"] for g in adamw([matrix, bias, embedding, frozen], lr=1.0, weight_decay=0.5).param_groups}
+    assert [p is matrix for p in groups[0.5]] == [True]
+    assert {id(p) for p in groups[0.0]} == {id(bias), id(embedding)}
+    # with a zero gradient only decay moves a parameter: the matrix shrinks, the others stay
+    opt = adamw([matrix, bias, embedding], lr=0.1, weight_decay=0.5)
+    for p in (matrix, bias, embedding):
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.allclose(matrix, torch.full_like(matrix, 1 - 0.1 * 0.5))
+    assert torch.equal(bias, torch.ones(3)) and torch.equal(embedding, torch.ones(5, 2))
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():

@@ -1,4 +1,10 @@
-"""Picking representative points from embeddings: K-means, K-centers (K-means medoids), herding, random."""
+"""Picking representative points from embeddings: K-means, K-centers (K-means medoids), herding, random.
+
+K-means builds DiLM's representative teacher sets and clusters the synthetic pool (Sec. 3.2);
+K-centers selects each distilled set from the over-sampled generations (Sec. 3.3); K-centers,
+herding and random are also the coreset baselines (Sec. 4). Index outputs are int64 row indices
+into ``x``. Seeded functions draw from a private CPU ``torch.Generator``: pass CPU tensors.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,13 @@ import torch
 
 
 def kmeans(x: torch.Tensor, k: int, seed: int, iters: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's K-means with k-means++ seeding. Returns (centers [k, d], assignment [n])."""
+    """Lloyd's K-means with k-means++ seeding. Returns (centers [k, d], assignment [n]).
+
+    ``x``: float [n, d] on CPU, computed in float32. Centers are float32 [k, d] (an empty
+    cluster keeps its previous center); the assignment is int64 [n] in [0, k). Stops at
+    convergence or after ``iters`` Lloyd steps; deterministic given ``seed``.
+    Raises ValueError unless 1 <= k <= n.
+    """
     n = x.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"kmeans needs 1 <= k <= n, got k={k}, n={n}")
@@ -30,7 +42,12 @@ def kmeans(x: torch.Tensor, k: int, seed: int, iters: int = 50) -> tuple[torch.T
 
 
 def nearest_to_centers(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
-    """For each center, the index of the closest point, distinct across centers."""
+    """For each center, the index of the closest point, distinct across centers.
+
+    ``x``: float [n, d]; ``centers``: float [k, d]. Returns int64 [k]: greedy in center order,
+    a center whose nearest point is taken gets its next nearest. Needs k <= n (else the search
+    runs out of points and raises StopIteration).
+    """
     d = torch.cdist(centers.float(), x.float())
     chosen: list[int] = []
     for row in d:
@@ -42,7 +59,11 @@ def nearest_to_centers(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
 def k_centers(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     """K-centers as DiLM's reference code defines it: the point nearest each of ``k`` K-means
     centroids. Representative points, unlike the greedy farthest-first traversal, which picks
-    outliers (one-word fragments, in text embeddings)."""
+    outliers (one-word fragments, in text embeddings).
+
+    ``x``: float [n, d] (CPU). Returns int64 [k], distinct. DiLM Sec. 3.3 (selecting DPC
+    generated samples per class) and the K-centers coreset baseline (Sec. 4).
+    Raises ValueError unless 1 <= k <= n."""
     n = x.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k_centers needs 1 <= k <= n, got k={k}, n={n}")
@@ -51,7 +72,12 @@ def k_centers(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
 
 
 def herding(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Greedy herding (Welling 2009): each pick keeps the running mean closest to the data mean."""
+    """Greedy herding (Welling 2009): each pick keeps the running mean closest to the data mean.
+
+    ``x``: float [n, d], computed in float32. Returns int64 [k], distinct, in pick order
+    (deterministic: no seed). The herding coreset baseline (DiLM Sec. 4).
+    Raises ValueError unless 1 <= k <= n.
+    """
     n = x.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"herding needs 1 <= k <= n, got k={k}, n={n}")
@@ -70,6 +96,10 @@ def herding(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def random_subset(n: int, k: int, seed: int) -> torch.Tensor:
+    """``k`` distinct indices drawn uniformly from range(n) with ``seed``: int64 [k].
+
+    The random coreset baseline (DiLM Sec. 4). Raises ValueError unless 1 <= k <= n.
+    """
     if not 1 <= k <= n:
         raise ValueError(f"random_subset needs 1 <= k <= n, got k={k}, n={n}")
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]

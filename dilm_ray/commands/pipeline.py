@@ -118,6 +118,9 @@ def evaluate_groups(
 
 
 def _write_rows(rows: list[dict], path: Path) -> None:
+    if not rows:  # nothing finished yet: no file, rather than one without columns
+        path.unlink(missing_ok=True)
+        return
     tmp = path.with_suffix(".csv.tmp")  # a kill while writing must not leave half a file
     pd.DataFrame(rows).to_csv(tmp, index=False)
     tmp.replace(path)

@@ -168,7 +168,7 @@ def run_sweep(cfg: Config, resume: bool = False) -> str:
         (out / "best.yaml").write_text(best_cfg.to_yaml())
         best_sets = out / "best-distilled"
         shutil.rmtree(best_sets, ignore_errors=True)
-        shutil.copytree(Path(best.metrics["run_dir"]) / "distilled" / "dilm", best_sets)
+        shutil.copytree(RunLayout(Path(best.metrics["run_dir"])).method_dir("dilm"), best_sets)
         log_artifacts(parent, [out / "ranking.csv", out / "best.yaml"], "tune")
         log_artifacts(parent, [best_sets], "tune/best-distilled")
         if parent is not None:

@@ -23,6 +23,9 @@ ROW_KEY = (*JOB_KEY, "set_digest", "eval_key")  # a recorded row's identity: als
 
 @dataclass(frozen=True)
 class EvalJob:
+    """One evaluation run: train ``learner`` on distilled set ``set_index`` of (``method``,
+    ``dpc``) with ``seed`` (DiLM Sec. 4). ``dpc``: data (samples) per class."""
+
     learner: str
     method: str
     dpc: int
@@ -36,6 +39,8 @@ def plan_jobs(groups: Mapping[Group, Sequence], runs_per_group: int, seed: int, 
     A group with fewer sets (herding: 1) cycles through them so that every group gets the
     same runs with the same seeds. Groups take turns, so an interrupted evaluation leaves
     every method with about as many runs.
+
+    ``groups``: (method, dpc) -> that group's sets (non-empty, else ZeroDivisionError).
     """
     return [
         EvalJob(learner, method, dpc, r % len(sets), seed + r)
@@ -56,7 +61,9 @@ def plan_for_learners(
 def eval_key(cfg: Config, task: TaskSpec, validation: TextSet, learner: str) -> str:
     """What a job's score depends on besides its set and seed: the learner name and config,
     the training protocol (``evaluate`` minus the keys that only choose which jobs run), the
-    task's metric and the validation rows themselves (not the path they came from)."""
+    task's metric and the validation rows themselves (not the path they came from).
+
+    16 hex characters (``content_key``)."""
     protocol = cfg.evaluate.model_dump(mode="json", exclude={"n_evals_per_dataset", "baselines", "learners", "parallel"})
     return content_key(learner, cfg.learner.model_dump(mode="json"), protocol, task.metric, task.label_names, validation.digest())
 

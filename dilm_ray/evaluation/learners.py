@@ -35,7 +35,6 @@ SCRATCH_TOKENIZER = "minilm-l6"
 SCRATCH_SHAPE = dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=256, max_position_embeddings=512)
 PAIR_SEPARATOR = " [SEP] "
 
-FAMILIES = ("encoder", "decoder", SCRATCH, TFIDF, "hub/local")
 LEARNER_KINDS: dict[str, str] = {"minilm-l6": "encoder", "smollm2-135m": "decoder", SCRATCH: SCRATCH, TFIDF: TFIDF}
 
 
@@ -44,6 +43,9 @@ def describe(name: str) -> str:
 
     Built-in names map through ``LEARNER_KINDS``; a local folder is classified from its
     config.json (decoder model types pool the last token); anything else is "hub/local".
+
+    One of "encoder", "decoder", ``SCRATCH``, ``TFIDF``, "hub/local"; never raises (an
+    unreadable config.json gives "hub/local").
     """
     if name in LEARNER_KINDS:
         return LEARNER_KINDS[name]
@@ -70,6 +72,7 @@ class ScratchLearner(Learner):
     """
 
     def reset(self, seed: int) -> None:
+        """Head as ``Learner.reset``; every body weight re-drawn from ``seed`` (no pretrained weights)."""
         super().reset(seed)  # the head, drawn from seed as for every learner
         body = self.model.body
         std = float(getattr(body.config, "initializer_range", 0.02))
@@ -92,7 +95,11 @@ class ScratchLearner(Learner):
 
 
 def build_scratch(cfg: LearnerConfig, num_labels: int, seed: int) -> ScratchLearner:
-    """A small BERT (``SCRATCH_SHAPE``) from config on the MiniLM tokenizer, mean pooling."""
+    """A small BERT (``SCRATCH_SHAPE``) from config on the MiniLM tokenizer, mean pooling.
+
+    Float32, reset to ``seed``; ``max_length`` capped at 512 positions. Raises UserError when
+    the MiniLM tokenizer cannot be loaded.
+    """
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     tokenizer = load_with_hint("learner.model", SCRATCH_TOKENIZER, lambda p: AutoTokenizer.from_pretrained(p))
@@ -120,6 +127,8 @@ def tfidf_predict(train: TextSet, validation: TextSet, seed: int) -> np.ndarray:
 
     Degenerate training sets (one label only, or no token TfidfVectorizer can keep) predict the
     most frequent training label instead of raising.
+
+    Returns int64 [len(validation)] labels. An empty ``train`` raises ValueError (no majority).
     """
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
@@ -142,7 +151,11 @@ def tfidf_predict(train: TextSet, validation: TextSet, seed: int) -> np.ndarray:
 
 
 def build(name: str, cfg: Config, task: TaskSpec, seed: int) -> Learner | None:
-    """The model behind ``name`` (None for tfidf-logreg, which is fitted from scratch per call)."""
+    """The model behind ``name`` (None for tfidf-logreg, which is fitted from scratch per call).
+
+    Reset to ``seed``, with a head for ``task.num_labels``. Raises UserError when the model
+    cannot be loaded.
+    """
     if name == TFIDF:
         return None
     if name == SCRATCH:
@@ -169,6 +182,9 @@ def evaluate_learner(
     time to train and predict (model loading excluded). Neural
     learners follow ``cfg.evaluate`` (``train_learner`` resets them to ``seed`` first), so a
     learner taken from ``cache`` gives the same scores as a freshly built one.
+
+    Scores are fractions in [0, 1]; seconds are wall-clock. DiLM Sec. 4 (train a learner on the
+    distilled set, score it on validation). Raises UserError when the model cannot be loaded.
     """
     if name == TFIDF:
         start = time.perf_counter()

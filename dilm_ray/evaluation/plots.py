@@ -37,7 +37,11 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def accuracy_figure(table: pd.DataFrame, score_name: str, reference: str = REFERENCE) -> Figure:
-    """Mean score (%, ``score_name``) vs DPC with std error bars: one subplot per learner, one line per method."""
+    """Mean score (%, ``score_name``) vs DPC with std error bars: one subplot per learner, one line per method.
+
+    ``table``: a ``results_table`` (fractions, plotted x100); ``reference`` is drawn in red on top.
+    Raises ValueError when ``table`` lacks learner/dpc/method/mean/std columns or is empty.
+    """
     missing = {"learner", "dpc", "method", "mean", "std"} - set(table.columns)
     if missing:
         raise ValueError(f"results table lacks columns {sorted(missing)}")
@@ -86,12 +90,20 @@ def accuracy_figure(table: pd.DataFrame, score_name: str, reference: str = REFER
 
 
 def accuracy_vs_dpc(table: pd.DataFrame, path: Path, score_name: str) -> Path:
-    """Save ``accuracy_figure`` of a ``results_table`` (learner, dpc, method, mean, std, runs) as PNG."""
+    """Save ``accuracy_figure`` of a ``results_table`` (learner, dpc, method, mean, std, runs) as PNG.
+
+    Creates parent folders; 120 dpi. Returns ``path``. Raises ValueError as ``accuracy_figure``.
+    """
     return _save(accuracy_figure(table, score_name), path)
 
 
 def curves_figure(history: dict[str, list[tuple[int, float]]], title: str) -> Figure:
-    """One subplot per metric: value vs step; long noisy series also get a moving average."""
+    """One subplot per metric: value vs step; long noisy series also get a moving average.
+
+    ``history``: metric name -> [(step, value)]; None and non-finite values are skipped. Series
+    of 40+ points get a moving average over len // 20 points. Raises ValueError for an empty
+    ``history``.
+    """
     if not history:
         raise ValueError("no metrics to plot")
     fig, axes = _grid(len(history), width=4.8, height=3.2)
@@ -119,5 +131,8 @@ def curves_figure(history: dict[str, list[tuple[int, float]]], title: str) -> Fi
 
 
 def training_curves(history: dict[str, list[tuple[int, float]]], path: Path, title: str) -> Path:
-    """Save ``curves_figure`` (metric name -> [(step, value)]) as PNG."""
+    """Save ``curves_figure`` (metric name -> [(step, value)]) as PNG.
+
+    Creates parent folders; 120 dpi. Returns ``path``. Raises ValueError for an empty ``history``.
+    """
     return _save(curves_figure(history, title), path)

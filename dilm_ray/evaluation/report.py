@@ -1,4 +1,7 @@
-"""Reporting: evaluation rows into tables (mean, std, Welch p-values), markdown, CSV and plots."""
+"""Reporting: evaluation rows into tables (mean, std, Welch p-values), markdown, CSV and plots.
+
+The tables of DiLM Sec. 4: mean and std of the score over evaluation runs per method and DPC.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,11 @@ def results_table(runs: pd.DataFrame, references: Sequence[str] = ("dilm",)) -> 
     learner; NaN where the reference has no runs or either side has fewer than 2).
 
     ``runs``: one row per evaluation run with columns learner, dpc, method, score (a fraction),
-    seconds. Scores stay fractions here; ``to_markdown`` prints percent."""
+    seconds. Scores stay fractions here; ``to_markdown`` prints percent.
+
+    Output columns: learner, dpc, method, mean, std, runs, mean_seconds (seconds per run),
+    p_vs_<ref>...; rows sorted by (learner, dpc, method). pandas raises KeyError when ``runs``
+    lacks one of those input columns."""
     rows = []
     for (learner, dpc), cell in runs.groupby(["learner", "dpc"], sort=True):
         refs = {ref: cell.loc[cell.method == ref, "score"].tolist() for ref in references}
@@ -31,7 +38,12 @@ def results_table(runs: pd.DataFrame, references: Sequence[str] = ("dilm",)) -> 
 
 
 def to_markdown(table: pd.DataFrame, score_name: str) -> str:
-    """``score_name`` (``TaskSpec.score_name``) heads the score column; no default, as QQP's score is not accuracy."""
+    """``score_name`` (``TaskSpec.score_name``) heads the score column; no default, as QQP's score is not accuracy.
+
+    ``table``: a ``results_table``. One markdown row per table row: mean ± std in percent (one
+    decimal), the run count, p-values to 3 significant digits (blank when NaN). Local learner
+    paths are shortened to their last component.
+    """
     p_cols = [c for c in table.columns if c.startswith("p_vs_")]
     lines = [f"| learner | DPC | method | {score_name} (mean ± std, %) | runs |" + "".join(f" p vs {c[5:]} |" for c in p_cols),
              "|---|---|---|---|---|" + "---|" * len(p_cols)]
@@ -43,7 +55,11 @@ def to_markdown(table: pd.DataFrame, score_name: str) -> str:
 
 
 def write_results(runs: pd.DataFrame, table: pd.DataFrame, out_dir: Path, score_name: str) -> list[Path]:
-    """runs.csv, table.csv, table.md and accuracy_vs_dpc.png."""
+    """runs.csv, table.csv, table.md and accuracy_vs_dpc.png.
+
+    Written to ``out_dir`` (created if missing); returns their paths in that order. Raises
+    ValueError (from the plot) when ``table`` is empty.
+    """
     from dilm_ray.evaluation.plots import accuracy_vs_dpc
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Train a fresh learner on a (distilled) set and score it on the validation split."""
+"""Train a fresh learner on a (distilled) set and score it on the validation split (DiLM Sec. 4)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,13 @@ from dilm_ray.train.optim import adamw, schedule
 
 
 def train_learner(learner: Learner, train: TextSet, cfg: EvaluateConfig, seed: int) -> None:
-    """Paper protocol: AdamW, warmup then cosine, ``cfg.steps`` steps of min(batch_size, |D|)."""
+    """Paper protocol: AdamW, warmup then cosine, ``cfg.steps`` steps of min(batch_size, |D|).
+
+    The decay is ``cfg.scheduler`` (cosine by default). Resets the learner to ``seed`` and seeds
+    the global torch RNG (dropout); batches walk through reshuffled passes over ``train``; the
+    cross-entropy gradient is clipped to ``cfg.grad_clip``. Trains in place, returns None.
+    DiLM Sec. 4.
+    """
     learner.reset(seed)
     torch.manual_seed(seed)  # dropout masks
     rng = np.random.default_rng(seed)
@@ -40,7 +46,10 @@ def train_learner(learner: Learner, train: TextSet, cfg: EvaluateConfig, seed: i
 
 @torch.no_grad()
 def predict(learner: Learner, data: TextSet, batch_size: int) -> np.ndarray:
-    """Predicted labels; batches hold texts of similar length so little compute goes to padding."""
+    """Predicted labels; batches hold texts of similar length so little compute goes to padding.
+
+    Int64 [len(data)] in ``data``'s order (argmax of the logits). Leaves the model in eval mode.
+    """
     model = learner.model
     model.eval()
     order = np.argsort([sum(len(t) for t in texts) for texts in data.texts], kind="stable")
@@ -52,7 +61,11 @@ def predict(learner: Learner, data: TextSet, batch_size: int) -> np.ndarray:
 
 
 def scores(preds: np.ndarray, labels: np.ndarray, metric: str) -> dict[str, float]:
-    """accuracy; for ``accuracy_f1`` (QQP) also F1 of label 1 and their mean as the score."""
+    """accuracy; for ``accuracy_f1`` (QQP) also F1 of label 1 and their mean as the score.
+
+    ``preds`` / ``labels``: int [n]. Every value is a fraction in [0, 1]; keys ``accuracy``,
+    ``score`` (and ``f1``). F1 is 0 when neither side has a label-1 row.
+    """
     accuracy = float((preds == labels).mean())
     out = {"accuracy": accuracy, "score": accuracy}
     if metric == "accuracy_f1":

@@ -1,4 +1,8 @@
-"""The generator: a causal LM with one BOS token per label and a separator for pair tasks."""
+"""The generator: a causal LM with one BOS token per label and a separator for pair tasks.
+
+DiLM Sec. 3.1 (label-conditioned LM); its per-sample LM losses weight the generated samples in
+gradient matching (Sec. 3.2); its samples become the distilled sets (Sec. 3.3).
+"""
 
 from __future__ import annotations
 
@@ -20,11 +24,18 @@ SEP_TOKEN = "<sep>"
 
 
 def bos_token(label: int) -> str:
+    """The added token ``<bos_{label}>`` that starts every sample of ``label`` (DiLM Sec. 3.1)."""
     return f"<bos_{label}>"
 
 
 @dataclass
 class Generator:
+    """A causal LM, its tokenizer and the token ids of the label-conditioned format (DiLM Sec. 3.1).
+
+    ``bos_ids[label]`` is ``<bos_label>``'s id; ``max_length`` counts tokens of a whole encoded
+    sample (prompt and EOS included); ``prefix`` is empty or the one sink token id.
+    """
+
     model: nn.Module
     tokenizer: object
     task: TaskSpec
@@ -37,11 +48,17 @@ class Generator:
 
     # ---- encoding -------------------------------------------------------------------
     def prompt(self, label: int) -> list[int]:
-        """``[sink] <bos_label>``: what every sample of ``label`` starts with."""
+        """``[sink] <bos_label>``: what every sample of ``label`` starts with (``len(prefix) + 1`` ids).
+
+        Raises IndexError for ``label >= num_labels``.
+        """
         return [*self.prefix, self.bos_ids[label]]
 
     def encode(self, texts: tuple[str, ...], label: int) -> list[int]:
-        """``[sink] <bos_label> text1 [<sep> text2] <eos>``, truncated to ``max_length``."""
+        """``[sink] <bos_label> text1 [<sep> text2] <eos>``, truncated to ``max_length``.
+
+        Token ids, at most ``max_length`` of them; the text is cut, EOS is always kept last.
+        """
         ids = self.prompt(label)
         for i, text in enumerate(texts):
             if i:
@@ -50,7 +67,11 @@ class Generator:
         return ids[: self.max_length - 1] + [self.eos_id]
 
     def batch(self, data: TextSet) -> dict[str, torch.Tensor]:
-        """Right-padded ``input_ids`` / ``attention_mask`` for a set of labelled samples."""
+        """Right-padded ``input_ids`` / ``attention_mask`` for a set of labelled samples.
+
+        Both int64 [n, T] on CPU, T = the longest encoded row (<= ``max_length``); padding is
+        ``pad_id`` with mask 0. Raises ValueError for an empty ``data``.
+        """
         rows = [self.encode(t, int(y)) for t, y in zip(data.texts, data.labels)]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -62,19 +83,26 @@ class Generator:
 
     def lm_losses(self, data: TextSet) -> torch.Tensor:
         """Per-sample mean token NLL of the text after the prompt (padding masked), differentiable
-        w.r.t. the generator."""
+        w.r.t. the generator.
+
+        Float32 [n] in nats/token on the generator's device; the targets are the text tokens,
+        ``<sep>`` and EOS (not the label token). The LM loss of DiLM Sec. 3.1 and the input of
+        the sample weights softmax(-loss / T) (Sec. 3.2)."""
         batch = {k: v.to(self.device) for k, v in self.batch(data).items()}
         logits = self.model(**batch).logits
         return sequence_nll(logits, batch["input_ids"], batch["attention_mask"], skip=len(self.prefix))
 
     @property
     def device(self) -> torch.device:
+        """The device of the LM's (first) parameter."""
         return next(self.model.parameters()).device
 
     # ---- sampling ---------------------------------------------------------------------
     @property
     def banned_ids(self) -> list[int]:
         """Tokens that never occur inside a sample: the prompt tokens, and ``<sep>`` in single-text tasks.
+
+        Sorted token ids, never EOS.
 
         New tokens start as copies of existing rows, and only the label rows train, so with tied
         embeddings ``<sep>`` and the BOS it was copied from keep equal logits. Measured on the MNLI
@@ -86,7 +114,12 @@ class Generator:
 
     @torch.no_grad()
     def sample(self, label: int, n: int, cfg: GeneratorConfig, rng: torch.Generator) -> list[list[int]]:
-        """``n`` token sequences after the prompt (without it), cut at EOS."""
+        """``n`` token sequences after the prompt (without it), cut at EOS.
+
+        Each a list of at most ``max_length - len(prompt)`` ids, EOS excluded; top-k/top-p
+        sampling at ``cfg.temperature`` in batches of ``cfg.generate_batch_size``, drawn from
+        ``rng`` (a CPU generator). Runs in eval mode and restores the previous mode.
+        """
         out: list[list[int]] = []
         was_training = self.model.training
         self.model.eval()
@@ -100,7 +133,11 @@ class Generator:
         return out
 
     def parse(self, ids: list[int]) -> tuple[str, ...] | None:
-        """Split generated ids into the task's columns; ``None`` for malformed samples."""
+        """Split generated ids into the task's columns; ``None`` for malformed samples.
+
+        Malformed: a ``<sep>`` count that does not give ``len(task.text_columns)`` parts, or a
+        part that decodes to an empty string (after ``strip``).
+        """
         parts: list[list[int]] = [[]]
         for t in ids:
             if t == self.sep_id:
@@ -113,7 +150,11 @@ class Generator:
         return texts if all(texts) else None
 
     def generate(self, label: int, n: int, cfg: GeneratorConfig, rng: torch.Generator, max_attempts: int = 10) -> tuple[TextSet, int]:
-        """``n`` well-formed samples of ``label``; malformed ones are regenerated. Returns (set, dropped)."""
+        """``n`` well-formed samples of ``label``; malformed ones are regenerated. Returns (set, dropped).
+
+        The set has ``n`` rows labelled ``label``; ``dropped`` counts the malformed samples.
+        Raises RuntimeError when ``max_attempts`` rounds give fewer than ``n`` well-formed ones.
+        """
         texts: list[tuple[str, ...]] = []
         dropped = 0
         for _ in range(max_attempts):
@@ -131,6 +172,11 @@ class Generator:
         return TextSet(self.task.text_columns, tuple(texts[:n]), np.full(n, label)), dropped
 
     def generate_all(self, per_label: int, cfg: GeneratorConfig, rng: torch.Generator, max_attempts: int = 10) -> tuple[TextSet, int]:
+        """``generate`` for every label: ``per_label * num_labels`` rows grouped by label (0 first).
+
+        Returns (set, total dropped). The synthetic pool of DiLM Sec. 3.2 and the over-sampled
+        generations of Sec. 3.3. Raises RuntimeError as ``generate`` does.
+        """
         parts, dropped = [], 0
         for label in range(self.task.num_labels):
             part, d = self.generate(label, per_label, cfg, rng, max_attempts)
@@ -139,12 +185,17 @@ class Generator:
         return TextSet.concat(parts), dropped
 
     def save(self, directory) -> None:
+        """Write the LM (safetensors) and the tokenizer, added tokens included, to ``directory``."""
         self.model.save_pretrained(str(directory), safe_serialization=True)
         self.tokenizer.save_pretrained(str(directory))
 
 
 def sequence_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, skip: int = 0) -> torch.Tensor:
-    """Mean next-token NLL per sequence over non-padding targets after the first ``skip``: shape [batch]."""
+    """Mean next-token NLL per sequence over non-padding targets after the first ``skip``: shape [batch].
+
+    ``logits``: float [B, T, V]; ``input_ids``: int64 [B, T]; ``attention_mask``: 0/1 [B, T].
+    Returns the logits' dtype, in nats/token; a row with no target left gives 0.
+    """
     targets = input_ids[:, 1:]
     mask = attention_mask[:, 1:].to(logits.dtype, copy=True)  # copy: zeroed below
     mask[:, :skip] = 0.0
@@ -155,6 +206,8 @@ def sequence_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: 
 def top_k_top_p_probs(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Nucleus sampling restricted to the top-k tokens: (probabilities [B,k], token ids [B,k]).
 
+    ``logits``: float [B, V] (already divided by the temperature); k = min(top_k, V). The
+    probabilities keep the logits' dtype and sum to 1 per row; ids are int64, most likely first.
     Sorting only k candidates instead of the whole vocabulary is what makes this fast on CPU.
     """
     values, indices = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
@@ -177,6 +230,9 @@ def sample_tokens(
 ) -> list[list[int]]:
     """Sample continuations with the KV cache; sequences stop at EOS (excluded from the output).
     ``banned`` tokens are never sampled.
+
+    ``prompt``: int64 [B, P] on the model's device, every row the same length. Returns B lists of
+    at most ``max_new_tokens`` ids; ``rng`` is a CPU generator (sampling runs on CPU).
 
     Finished rows leave the batch and the cache: short texts (most SST-2 phrases are under 15
     tokens) then stop paying for the longest one in their batch.
@@ -208,7 +264,10 @@ def sample_tokens(
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The transformer block list: the longest ModuleList in the model."""
+    """The transformer block list: the longest ModuleList in the model.
+
+    Raises ValueError when the model has no ModuleList.
+    """
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     if not lists:
         raise ValueError("cannot find the transformer layers of the generator")
@@ -220,6 +279,10 @@ def set_trainable(gen: Generator, top_layers: int | None, label_tokens: bool) ->
 
     The label BOS rows of the (possibly tied) embedding are trained through a gradient mask,
     so the rest of the vocabulary stays as pre-trained.
+
+    ``top_layers=None`` trains every parameter (``label_tokens`` then has no effect). Returns the
+    parameters to optimise. Stage 1 (Sec. 3.1) trains the label tokens; stage 2 (Sec. 3.2) not.
+    Raises ValueError as ``decoder_layers`` does.
     """
     model = gen.model
     if top_layers is None:
@@ -255,6 +318,9 @@ def init_new_tokens(model: nn.Module, tokenizer, task: TaskSpec, label_init: str
     only through the frozen lower layers, so the label tokens must differ from the start.
     Copies of BOS moved by 0.10 in 360 LM steps (tokens are ~3.7 apart) and the generator
     ignored the label.
+
+    Writes the rows in place in the input and output embeddings (one tensor when tied).
+    The label tokens are DiLM's per-label BOS tokens (Sec. 3.1).
     """
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
     vocab = tokenizer.get_vocab()
@@ -274,12 +340,19 @@ def sink_token_id(tokenizer) -> int:
     sink); measured on SmolLM2, ``<bos_i>`` there differed 0.04 (relative) between labels after
     the 22 frozen layers, 0.39 behind a sink token (benchmarks/label_signal.py): the label would
     barely reach the trained top layers.
+
+    None when the tokenizer has neither a BOS nor an EOS token.
     """
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
 def build_generator(cfg: GeneratorConfig, task: TaskSpec, model_name: str | None = None) -> Generator:
-    """Load the LM and add ``<bos_i>`` per label and ``<sep>`` (see ``init_new_tokens``)."""
+    """Load the LM and add ``<bos_i>`` per label and ``<sep>`` (see ``init_new_tokens``).
+
+    ``model_name`` overrides ``cfg.model`` (e.g. a stage-1 checkpoint, which already has the
+    tokens). The LM is loaded in float32. DiLM Sec. 3.1. Raises UserError when the model cannot
+    be loaded (``load_with_hint``) and ValueError when its tokenizer has no EOS token.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = model_name or cfg.model

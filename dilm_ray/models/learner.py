@@ -2,6 +2,9 @@
 
 Splitting ``features`` from ``head`` lets gradient matching take head gradients from features
 computed under ``no_grad``: the same gradient as through the whole model, at ~1/1000 the cost.
+
+The learner is the model whose gradients DiLM matches (Sec. 3.2) and the one trained on the
+distilled sets in evaluation (Sec. 4).
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from dilm_ray.models.registry import load_with_hint
 
 
 class Classifier(nn.Module):
+    """``body`` (a transformers base model), ``pool`` by ``pooling``, dropout, then a linear head
+    [num_labels, hidden]."""
+
     def __init__(self, body: nn.Module, hidden: int, num_labels: int, pooling: str, dropout: float):
         super().__init__()
         self.body = body
@@ -26,14 +32,21 @@ class Classifier(nn.Module):
         self.head = nn.Linear(hidden, num_labels)
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled body output, before dropout: float [B, hidden] (the body's dtype) from int64 [B, T] inputs."""
         hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return pool(hidden, attention_mask, self.pooling)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits: float [B, num_labels] from int64 [B, T] ``input_ids`` / ``attention_mask``."""
         return self.head(self.dropout(self.features(input_ids, attention_mask)))
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """One vector per row, [B, H] from ``hidden`` [B, T, H] and ``mask`` 0/1 [B, T].
+
+    ``cls``: the first position; ``last``: the last real token (assumes right padding); any other
+    value (``mean``): the mean over real tokens.
+    """
     if how == "cls":
         return hidden[:, 0]
     if how == "last":  # right padding: the last real token of each row
@@ -44,7 +57,10 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
 
 
 class Learner:
-    """A classifier plus its tokenizer, resettable to the pretrained body and a fresh seeded head."""
+    """A classifier plus its tokenizer, resettable to the pretrained body and a fresh seeded head.
+
+    ``max_length``: the truncation length in tokens; ``embed_batch_size``: rows per ``embed`` batch.
+    """
 
     def __init__(self, model: Classifier, tokenizer, max_length: int, embed_batch_size: int):
         self.model = model
@@ -55,13 +71,16 @@ class Learner:
 
     @property
     def device(self) -> torch.device:
+        """The device of the classifier's (first) parameter."""
         return next(self.model.parameters()).device
 
     def signature(self) -> dict:
         """Everything that decides the features this learner computes for a text: its class,
         tokenizer, how it encodes a row (pairs go to the tokenizer as a text pair), truncation,
         pooling, parameter dtype and a SHA-1 of its initial body weights. Cache keys of
-        embeddings include it, so a change of any of these misses the cache."""
+        embeddings include it, so a change of any of these misses the cache.
+
+        A JSON-serialisable dict; hashing the body costs one pass over its weights."""
         import hashlib
 
         weights = hashlib.sha1()
@@ -79,7 +98,11 @@ class Learner:
         }
 
     def reset(self, seed: int) -> None:
-        """Pretrained body, new head drawn from ``seed`` (the paper re-initialises every outer loop)."""
+        """Pretrained body, new head drawn from ``seed`` (the paper re-initialises every outer loop).
+
+        Head weight ~ U(-1/sqrt(H), 1/sqrt(H)) from a private CPU generator, bias zero; the global
+        RNG is untouched. Re-initialisation per outer loop: DiLM Alg. 1 (Sec. 3.2).
+        """
         self.model.body.load_state_dict(self._initial_body)
         rng = torch.Generator().manual_seed(seed)
         head = self.model.head
@@ -89,6 +112,11 @@ class Learner:
             head.bias.zero_()
 
     def batch(self, data: TextSet) -> dict[str, torch.Tensor]:
+        """Tokenized ``input_ids`` / ``attention_mask``: int64 [n, T] on the learner's device.
+
+        T = the longest row after truncation to ``max_length``; pair tasks go in as text pairs.
+        Padding follows the tokenizer's side (right, as set by ``build_learner``).
+        """
         columns = list(zip(*data.texts))
         enc = self.tokenizer(
             *[list(c) for c in columns], truncation=True, max_length=self.max_length, padding=True, return_tensors="pt"
@@ -97,7 +125,11 @@ class Learner:
 
     @torch.no_grad()
     def embed(self, data: TextSet, progress: bool = False) -> torch.Tensor:
-        """Pooled features [n, hidden] in eval mode: the space K-means, K-centers and herding work in."""
+        """Pooled features [n, hidden] in eval mode: the space K-means, K-centers and herding work in.
+
+        Float32 on CPU, rows in ``data``'s order (batches are formed by text length); no dropout,
+        and the previous train/eval mode is restored.
+        """
         from tqdm.auto import tqdm
 
         was_training = self.model.training
@@ -114,6 +146,7 @@ class Learner:
 
 
 def default_pooling(config) -> str:
+    """``last`` for decoder models (``is_decoder`` or a type in ``DECODER_TYPES``), else ``mean``."""
     return "last" if getattr(config, "is_decoder", False) or config.model_type in DECODER_TYPES else "mean"
 
 
@@ -121,6 +154,11 @@ DECODER_TYPES = {"llama", "gpt2", "mistral", "qwen2", "gpt_neox", "opt", "phi", 
 
 
 def build_learner(cfg: LearnerConfig, num_labels: int, seed: int, model_name: str | None = None) -> Learner:
+    """The learner for ``num_labels`` classes, reset to ``seed`` (see ``Learner.reset``).
+
+    ``model_name`` overrides ``cfg.model``; the body is loaded in float32, the tokenizer pads on
+    the right (EOS as pad when it has none). Raises UserError when the model cannot be loaded.
+    """
     from transformers import AutoModel, AutoTokenizer
 
     name = model_name or cfg.model

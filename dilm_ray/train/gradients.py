@@ -3,6 +3,7 @@
 ``head``: from pooled features taken under no_grad (cheap, exact for the head parameters).
 ``full``: all learner parameters, one backward per sample (expensive; for small batches).
 Both run the learner in eval mode so that dropout does not make the target noisy.
+The outputs are detached: generator gradients flow only through the sample weights (DiLM Sec. 3.2).
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from dilm_ray.models.learner import Learner
 
 
 def head_grads(learner: Learner, data: TextSet) -> torch.Tensor:
+    """Per-sample head gradients: float32 [n, C*H + C] on the learner's device, no graph.
+
+    See ``per_sample_head_grads``; restores the learner's train/eval mode.
+    """
     model = learner.model
     was_training = model.training
     model.eval()
@@ -28,6 +33,11 @@ def head_grads(learner: Learner, data: TextSet) -> torch.Tensor:
 
 
 def full_grads(learner: Learner, data: TextSet) -> torch.Tensor:
+    """Per-sample gradients of all trainable learner parameters: float32 [n, P], detached.
+
+    P = number of trainable elements (unused parameters give zeros); n backward passes and
+    n * P floats of memory. Restores the learner's train/eval mode.
+    """
     model = learner.model
     was_training = model.training
     model.eval()
@@ -44,4 +54,5 @@ def full_grads(learner: Learner, data: TextSet) -> torch.Tensor:
 
 
 def learner_grads(learner: Learner, data: TextSet, kind: str) -> torch.Tensor:
+    """``head_grads`` when ``kind == "head"``, else ``full_grads`` (``DistillConfig.grad``): [n, P]."""
     return head_grads(learner, data) if kind == "head" else full_grads(learner, data)

@@ -13,6 +13,9 @@ FUSED_DEVICES = ("cpu", "cuda")  # devices with a fused AdamW kernel in torch 2.
 def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
     """No weight decay on 1-d tensors (norms, biases) and embeddings, as usual for transformers.
 
+    Only parameters with ``requires_grad`` are optimised; embeddings are those marked
+    ``_dilm_no_decay`` (``set_trainable``). torch raises ValueError when none is left.
+
     The fused kernel computes the same update as the default per-tensor loop; on CPU it is ~7x
     faster (0.03 vs 0.22 s per step for MiniLM's 22.7M parameters on one thread), which is a
     fifth of each evaluation step.
@@ -29,6 +32,9 @@ def _is_embedding(p: torch.nn.Parameter) -> bool:
 
 
 def schedule(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_ratio: float) -> LambdaLR:
+    """Multiply the lr by a factor in [0, 1]: linear warmup over ``int(total_steps * warmup_ratio)``
+    steps, then ``constant``, ``linear`` decay to 0 or (any other ``kind``) cosine decay to 0 at
+    ``total_steps``. Steps are ``scheduler.step()`` calls."""
     warmup = int(total_steps * warmup_ratio)
 
     def factor(step: int) -> float:

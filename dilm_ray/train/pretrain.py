@@ -1,4 +1,4 @@
-"""Stage 1: fine-tune the generator as a label-conditioned LM on the train set."""
+"""Stage 1: fine-tune the generator as a label-conditioned LM on the train set (DiLM Sec. 3.1)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,12 @@ def pretrain(
     """Run ``cfg.steps`` LM steps; each worker draws its batch share from its own shard.
 
     ``state`` resumes a checkpointed run; ``on_step`` is called after every step (checkpointing).
+
+    Loss: mean ``lm_losses`` (nats/token); AdamW with ``cfg.scheduler``, gradients averaged across
+    workers and clipped to ``cfg.grad_clip``; the top ``gen_cfg.train_top_layers`` blocks (all
+    parameters when None) and the label tokens train. Logs ``lm_loss`` (window mean over steps
+    and workers) and ``lr`` every ``cfg.log_every`` steps. Returns the state with
+    ``step == cfg.steps``. DiLM Sec. 3.1.
     """
     params = set_trainable(gen, gen_cfg.train_top_layers, label_tokens=True)
     optimizer = adamw(params, cfg.lr, cfg.weight_decay)

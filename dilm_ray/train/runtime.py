@@ -14,21 +14,30 @@ import torch.distributed as dist
 
 
 def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 @dataclass(frozen=True)
 class Runtime:
+    """This worker's ``rank`` in [0, ``world_size``) and ``device``; collectives are no-ops when alone.
+
+    With ``world_size > 1`` every worker must make the same collective calls in the same order.
+    """
+
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the worker that shows progress bars."""
         return self.rank == 0
 
     @classmethod
     def from_environment(cls) -> Runtime:
+        """From torch.distributed when initialised (device from Ray Train if inside a worker), else
+        a single process on ``default_device()``."""
         if dist.is_available() and dist.is_initialized():
             try:
                 import ray.train.torch
@@ -40,6 +49,7 @@ class Runtime:
         return cls(device=default_device())
 
     def average_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Replace each ``p.grad`` in place by its mean over workers (all-reduce); None grads are skipped."""
         if self.world_size == 1:
             return
         for p in params:
@@ -48,6 +58,7 @@ class Runtime:
                 p.grad /= self.world_size
 
     def mean(self, value: float) -> float:
+        """The mean of ``value`` over workers (float64 all-reduce); ``value`` itself when alone."""
         if self.world_size == 1:
             return value
         t = torch.tensor([value], dtype=torch.float64)

@@ -11,6 +11,9 @@ import torch
 
 @dataclass
 class TrainState:
+    """``step``: steps done; ``rng``: a numpy ``bit_generator.state``; ``optim`` / ``sched``:
+    state dicts (None before the first capture); ``extra``: loop-specific values (stage 2's seconds)."""
+
     step: int
     rng: dict[str, Any]
     optim: dict[str, Any] | None = None
@@ -18,17 +21,21 @@ class TrainState:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def capture_optim(self, optimizer: torch.optim.Optimizer, scheduler) -> None:
+        """Store the optimizer's and scheduler's ``state_dict()``s."""
         self.optim, self.sched = optimizer.state_dict(), scheduler.state_dict()
 
     def restore_optim(self, optimizer: torch.optim.Optimizer, scheduler) -> None:
+        """Load the stored state dicts into ``optimizer`` / ``scheduler``; no-op for those not captured."""
         if self.optim is not None:
             optimizer.load_state_dict(self.optim)
         if self.sched is not None:
             scheduler.load_state_dict(self.sched)
 
     def save(self, path: Path) -> None:
+        """``torch.save`` of all fields to ``path`` (a pickle)."""
         torch.save(self.__dict__, path)
 
     @classmethod
     def load(cls, path: Path) -> TrainState:
+        """Read a ``save``d state; unpickles arbitrary objects (``weights_only=False``): trusted files only."""
         return cls(**torch.load(path, weights_only=False))
