@@ -9,8 +9,10 @@ finished (stage checkpoints, evaluation rows) and exit with 128 + the signal num
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from typing import Iterator
 
 
 class Interrupted(KeyboardInterrupt):
@@ -45,3 +47,21 @@ def reinstall() -> None:
 def exit_code(err: KeyboardInterrupt) -> int:
     """128 + the signal number, as a shell reports a process ended by that signal."""
     return 128 + (err.signum if isinstance(err, Interrupted) else signal.SIGINT)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back while a few records are written together (a row and its
+    MLflow run), then raise the interrupt that arrived, so that the records never disagree."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if arrived:
+        raise Interrupted(arrived[0]) if arrived[0] != signal.SIGINT else KeyboardInterrupt()

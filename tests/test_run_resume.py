@@ -102,3 +102,20 @@ def test_sigterm_becomes_an_interrupt_that_names_the_signal():
         assert isinstance(caught.value, interrupts.Interrupted) and interrupts.exit_code(caught.value) == 143
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_an_interrupt_while_records_are_written_waits_for_them():
+    from dilm_ray import interrupts
+
+    previous = signal.getsignal(signal.SIGTERM)
+    written = []
+    try:
+        interrupts.install()
+        with pytest.raises(interrupts.Interrupted):
+            with interrupts.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)
+                written.append("row")  # still runs: the signal waits for the block to end
+        assert written == ["row"] and signal.getsignal(signal.SIGTERM) is interrupts._raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from dilm_ray import interrupts
 from dilm_ray.config import Config
 from dilm_ray.data import TaskData, TaskSpec, TextSet, load_data, load_file
 from dilm_ray.driver.executors import executor
@@ -102,11 +103,12 @@ def evaluate_groups(
     _write_rows(rows, runs_csv)
 
     def save(i: int, row: dict) -> None:
-        rows.append(row)
-        _write_rows(rows, runs_csv)
-        log_evaluation_runs(run_id, [row])
-        if timer is not None:
-            timer.add_runs(EVALUATION_RUNS, 1)
+        with interrupts.deferred():  # the row, its MLflow run and its count, or none of them
+            rows.append(row)
+            _write_rows(rows, runs_csv)
+            log_evaluation_runs(run_id, [row])
+            if timer is not None:
+                timer.add_runs(EVALUATION_RUNS, 1)
 
     calls = []
     for job in todo:
