@@ -134,23 +134,6 @@ class Report:
     table: pd.DataFrame
     markdown: str
     paths: list[Path]
-    stages_run: list[str]
-
-
-def run_pipeline(
-    ctx: Context,
-    timer: StageTimer,
-    results: Path,
-    learners: Sequence[str] | None = None,
-    seeds: Mapping[str, int] | None = None,
-    dpcs: Sequence[int] | None = None,
-    references: Sequence[str] = ("dilm",),
-) -> Report:
-    """Stages (``stages.plan``), then the evaluation of the sets of ``ctx.methods`` into
-    ``results`` (``runs.csv``, ``table.{csv,md}``, ``accuracy_vs_dpc.png``)."""
-    stages_run = run_stages(ctx, timer)
-    report = evaluate_and_report(ctx, timer, results, learners, seeds, dpcs, references)
-    return Report(report.runs, report.table, report.markdown, report.paths, stages_run)
 
 
 def evaluate_and_report(
@@ -163,13 +146,15 @@ def evaluate_and_report(
     references: Sequence[str] = ("dilm",),
     timer_name: str = "evaluate",
 ) -> Report:
-    """The evaluation half of ``run_pipeline``: the sets the stages made, x learners x seeds."""
+    """The evaluation after the stages: the sets of ``ctx.methods`` x learners x seeds into
+    ``results`` (``runs.csv``, ``table.{csv,md}``, ``accuracy_vs_dpc.png``); ``references``
+    name the methods the table's Welch p-values compare against."""
     with timer.span(timer_name, count=False):
         groups = load_groups(sets_of(ctx, dpcs), ctx.data.task)
         runs = evaluate_groups(ctx.cfg, ctx.data, groups, results / "runs.csv", learners, seeds, ctx.resume, ctx.run_id, timer)
     table = results_table(runs, references)
     paths = write_results(runs, table, results, ctx.data.task.score_name)
-    return Report(runs, table, to_markdown(table, ctx.data.task.score_name), paths, [])
+    return Report(runs, table, to_markdown(table, ctx.data.task.score_name), paths)
 
 
 CURVES = ("pretrain.lm_loss", "distill.grad_sim", "distill.match_loss", "distill.syn_lm_loss")
@@ -197,7 +182,9 @@ def run_command(cfg: Config, resume: bool = False) -> str:
     timer = StageTimer(layout.timing)
     methods = ("dilm", *cfg.evaluate.baselines)
     with mlflow_run(cfg, "run", layout.mlflow_runs, resume) as run_id:
-        report = run_pipeline(Context(cfg, data, methods, run_id, resume), timer, layout.results)
+        ctx = Context(cfg, data, methods, run_id, resume)
+        run_stages(ctx, timer)
+        report = evaluate_and_report(ctx, timer, layout.results)
         (layout.results / "timing.md").write_text(timer.markdown() + "\n")
         log_artifacts(run_id, [*report.paths, layout.results / "timing.md", layout.timing], "results")
         if run_id is not None:

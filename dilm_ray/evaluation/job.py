@@ -1,8 +1,7 @@
 """The leaf of evaluation: one (learner, distilled set, seed) job, and the plan of all jobs.
 
-A job trains a fresh learner on one set and scores it on the validation split (DiLM Sec. 4.1:
-"we train a learner on the distilled set and evaluate it on the validation set", each set
-with several learner seeds). Executors (``driver.executors``) run ``run_job`` in-process or as
+A job trains a fresh learner on one set and scores it on the validation split, as DiLM's
+evaluation does (Sec. 4), each set with several learner seeds. Executors (``driver.executors``) run ``run_job`` in-process or as
 Ray tasks; reporting (``evaluation.report``) turns the rows into tables.
 """
 
