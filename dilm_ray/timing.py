@@ -45,6 +45,8 @@ class StageTimer:
             self.path.write_text(json.dumps({"seconds": self.seconds, "runs": self.runs}, indent=1) + "\n")
 
     def markdown(self) -> str:
+        """Wall time and count per stage; counts kept without a time (evaluation runs) follow."""
         lines = ["| stage | wall time (min) | invocations |", "|---|---|---|"]
-        lines += [f"| {name} | {sec / 60:.1f} | {self.runs.get(name, 0)} |" for name, sec in self.seconds.items()]
+        lines += [f"| {name} | {sec / 60:.1f} | {self.runs.get(name, '')} |" for name, sec in self.seconds.items()]
+        lines += [f"| {name} | | {n} |" for name, n in self.runs.items() if name not in self.seconds]
         return "\n".join(lines)
