@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -146,12 +145,9 @@ def record_command(out: Path, command: str) -> list[str]:
 
 def record_provenance(out: Path, command: str, cfg: Config, added_runs: int) -> None:
     """Append the invocation (command, commit, resolved config, runs it added) to ``provenance.jsonl``."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "dilm_ray", "benchmarks", "configs"], capture_output=True, text=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = "unknown", False
-    line = {"command": command, "commit": commit + ("+changes" if dirty else ""), "added_runs": added_runs, "config": cfg.to_dict()}
+    from dilm_ray.provenance import commit
+
+    line = {"command": command, "commit": commit(), "added_runs": added_runs, "config": cfg.to_dict()}
     with open(out / "provenance.jsonl", "a") as f:
         f.write(json.dumps(line) + "\n")
 

@@ -143,14 +143,22 @@ def tune(cfg: Config, resume: bool) -> None:
 
 @main.command()
 @click.option("--learner", "learners", multiple=True, help="learner architecture(s) to train; default: evaluate.learners or learner.model")
-@click.option("--data", "data_path", type=click.Path(exists=True, path_type=Path), help="a dataset file, or a folder of <method>/dpc<D>/set<i>/train.jsonl; default: the run's distilled/ folder")
+@click.option("--data", "data_path", type=click.Path(exists=True, path_type=Path), help="a data file or a folder tree of them (parquet, csv, json, jsonl; one group per folder); default: the run's distilled/ folder")
+@click.option("--columns", "column_specs", multiple=True, metavar="OURS=THEIRS", help="read the task's column OURS from the sets' column THEIRS, e.g. label=labels (the sets only, not the validation split)")
+@click.option("--reference", "references", multiple=True, help="method (group) the p-values compare against; default: dilm if evaluated, else the first group")
 @click.option("--resume", is_flag=True, help="keep the evaluation runs already in results/runs.csv and run only the others")
 @_command
-def evaluate(cfg: Config, learners: tuple[str, ...], data_path: Path | None, resume: bool) -> None:
+def evaluate(cfg: Config, learners: tuple[str, ...], data_path: Path | None, column_specs: tuple[str, ...], references: tuple[str, ...], resume: bool) -> None:
     """Train fresh learners on distilled sets and report mean/std accuracy and Welch p-values."""
     from dilm_ray.commands.pipeline import evaluate_command
 
-    click.echo(evaluate_command(cfg, learners, data_path, resume))
+    columns = {}
+    for spec in column_specs:
+        ours, sep, theirs = spec.partition("=")
+        if not sep or not ours or not theirs:
+            raise UserError(f"--columns {spec}: expected OURS=THEIRS, e.g. label=labels")
+        columns[ours] = theirs
+    click.echo(evaluate_command(cfg, learners, data_path, resume, columns, references))
 
 
 @main.command()

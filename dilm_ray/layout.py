@@ -104,3 +104,27 @@ def discover_sets(root: Path) -> dict[tuple[str, int], list[Path]]:
             continue
         found.setdefault((folder.parents[1].name, int(dpc)), []).append((int(index), path))
     return {group: [p for _, p in sorted(sets)] for group, sets in sorted(found.items())}
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+NOT_SETS = (ROWS_FILE, "stage.json")  # files in set folders that are not sets
+
+
+def discover_data_files(root: Path) -> dict[str, list[Path]]:
+    """Every data file under ``root`` (parquet, csv, json, jsonl), grouped by folder: the group
+    is the folder's path relative to ``root`` (``.`` for files directly in it), so folders of
+    the same name in different places (the DiLM authors' ``dpc_<D>.<run>/dataset/``) stay apart.
+    A folder holding one set in two formats (``train.jsonl`` and ``train.parquet``) counts once,
+    as its preferred file. Files are sorted by name, numbers in names compared as numbers."""
+    import re
+
+    def natural(path: Path) -> list:
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+    groups: dict[str, list[Path]] = {}
+    for path in root.rglob("*"):
+        if path.is_file() and path.suffix in DATA_SUFFIXES and not path.name.startswith(".") and path.name not in NOT_SETS:
+            if path.name == "train.parquet" and (path.parent / "train.jsonl").is_file():
+                continue
+            groups.setdefault(str(path.parent.relative_to(root)), []).append(path)
+    return {group: sorted(paths, key=natural) for group, paths in sorted(groups.items())}

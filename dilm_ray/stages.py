@@ -27,9 +27,11 @@ from pathlib import Path
 
 from dilm_ray.config import Config
 from dilm_ray.data import TaskData, TaskSpec, TextSet, load_data, load_file
+from dilm_ray.data.card import write_card
 from dilm_ray.errors import UserError
 from dilm_ray.keys import content_key
 from dilm_ray.layout import CORESETS, ROWS_FILE, RunLayout
+from dilm_ray.provenance import commit
 from dilm_ray.timing import StageTimer
 from dilm_ray.tracking.mlflow_store import log_artifacts, tracking_uri
 
@@ -164,16 +166,22 @@ def synthesize_sets(ctx: Context, method: str) -> dict[int, list[Path]]:
     from dilm_ray.synthesis import synthesize
 
     cfg, layout, task = ctx.cfg, ctx.layout, ctx.data.task
-    gen = build_generator(cfg.generator, task, generator_source(layout.generator_dilm if method == "dilm" else layout.generator_lm))
+    source = layout.generator_dilm if method == "dilm" else layout.generator_lm
+    gen = build_generator(cfg.generator, task, generator_source(source))
     learner = build_learner(cfg.learner, task.num_labels, cfg.seed)
     written: dict[int, list[Path]] = {}
     previews = []
+    made_by = {"method": method, "generator": f"{cfg.generator.model} -> {source.name}", "learner": cfg.learner.model, "seed": cfg.seed, "commit": commit()}
     for dpc in cfg.synthesize.dpc:
         written[dpc] = [layout.set_dir(method, dpc, i) / "train.jsonl" for i in range(cfg.synthesize.n_datasets)]
         todo = [i for i, path in enumerate(written[dpc]) if not (ctx.resume and path.is_file())]
-        _, dropped = synthesize(
-            gen, learner, cfg.synthesize, cfg.generator, dpc, cfg.seed, indices=todo, on_set=lambda i, s: s.save(layout.set_dir(method, dpc, i))
-        )
+
+        def save(i: int, subset: TextSet, dpc: int = dpc) -> None:
+            folder = layout.set_dir(method, dpc, i)
+            subset.save(folder)
+            write_card(folder, task, {**made_by, "dpc": dpc, "set_index": i, "rows": len(subset)})
+
+        _, dropped = synthesize(gen, learner, cfg.synthesize, cfg.generator, dpc, cfg.seed, indices=todo, on_set=save)
         print(f"{method} dpc={dpc}: {len(todo)} sets made, {len(written[dpc]) - len(todo)} kept, {dropped} malformed samples dropped and regenerated")
         previews.append(preview(load_file(written[dpc][0], task), task, f"{method}, DPC {dpc}, set 0"))
     (layout.method_dir(method) / "preview.md").write_text("\n\n".join(previews) + "\n")
@@ -209,6 +217,7 @@ def coreset_sets(ctx: Context, methods: Sequence[str] | None = None) -> dict[str
     learner = build_learner(cfg.learner, data.task.num_labels, cfg.seed) if needs_embeddings else None
     embeddings = train_embeddings(layout.cache, data.train, learner) if learner else torch.zeros(len(data.train), 1)
     written: dict[str, dict[int, list[Path]]] = {}
+    made_by = {"learner": cfg.learner.model if needs_embeddings else None, "commit": commit()}
     for method in methods:
         written[method] = {}
         for dpc in cfg.synthesize.dpc:
@@ -217,6 +226,7 @@ def coreset_sets(ctx: Context, methods: Sequence[str] | None = None) -> dict[str
                 folder = layout.set_dir(method, dpc, i)
                 subset, rows = coreset(data.train, embeddings, dpc, method, seed=i)
                 subset.save(folder)
+                write_card(folder, data.task, {**made_by, "method": method, "dpc": dpc, "set_index": i, "seed": i, "rows": len(subset)})
                 (folder / ROWS_FILE).write_text("".join(json.dumps({"row": int(r)}) + "\n" for r in rows))
                 written[method][dpc].append(folder / "train.jsonl")
     return written

@@ -29,7 +29,21 @@ def test_stages_chain_through_the_cli(tiny_overrides, tmp_path):
         assert f"| {method} |" in out
     runs = pd.read_csv(tmp_path / "runs" / "t" / "results" / "runs.csv")
     assert len(runs) == 4 * 2  # 4 methods x (2 sets x 1 seed); herding's single set is run twice
-    single = tmp_path / "runs" / "t" / "distilled" / "dilm" / "dpc2" / "set0" / "train.jsonl"
+    # every set folder is a dataset with a card: what made it and, once evaluated, its score
+    import datasets
+
+    from dilm_ray.data.card import read_card
+
+    folder = tmp_path / "runs" / "t" / "distilled" / "dilm" / "dpc2" / "set0"
+    card = read_card(folder)
+    assert {k: card[k] for k in ("task", "method", "dpc", "set_index", "rows")} == {"task": "sst2", "method": "dilm", "dpc": 2, "set_index": 0, "rows": 4}
+    assert card["generator"].endswith("-> generator-dilm") and card["label_names"] == ["negative", "positive"]
+    score = runs[(runs.method == "dilm") & (runs["set_index"] == 0)]["score"]
+    assert card["scores"] == {str(runs.learner[0]): {"mean": float(score.mean()), "runs": len(score)}}
+    loaded = datasets.load_dataset(str(folder))["train"]
+    assert loaded.features["label"].names == ["negative", "positive"] and len(loaded) == 4
+    assert read_card(tmp_path / "runs" / "t" / "distilled" / "herding" / "dpc2" / "set0")["method"] == "herding"
+    single = folder / "train.jsonl"
     assert "| train |" in _invoke(["evaluate", *cfg, "--data", str(single)])
 
 

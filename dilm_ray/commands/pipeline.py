@@ -18,12 +18,13 @@ import pandas as pd
 from dilm_ray import interrupts
 from dilm_ray.config import Config
 from dilm_ray.data import TaskData, TaskSpec, TextSet, load_data, load_file
+from dilm_ray.data.card import add_scores
 from dilm_ray.driver.executors import executor
 from dilm_ray.errors import UserError
 from dilm_ray.evaluation.job import JOB_KEY, EvalJob, Group, eval_key, plan_for_learners, row_key, run_job
 from dilm_ray.evaluation.report import results_table, to_markdown, write_results
 from dilm_ray.keys import file_digest
-from dilm_ray.layout import RunLayout, discover_sets
+from dilm_ray.layout import RunLayout, discover_data_files, discover_sets
 from dilm_ray.stages import Context, check_inputs, run_stages, set_files
 from dilm_ray.timing import StageTimer
 from dilm_ray.tracking.mlflow_store import log_artifacts, log_evaluation_runs, mlflow_run
@@ -119,6 +120,19 @@ def evaluate_groups(
     return pd.DataFrame(rows)
 
 
+def scores_to_cards(groups: Groups, runs: pd.DataFrame, task: TaskSpec, root: Path) -> None:
+    """Put each set's mean score per learner into its dataset card, for the sets under ``root``
+    (a run's ``distilled/``: other people's folders are not written to)."""
+    if runs.empty:
+        return
+    for (method, dpc, index), part in runs.groupby(["method", "dpc", "set_index"]):
+        sets = groups.get((method, int(dpc)))
+        if not sets or int(index) >= len(sets) or not sets[int(index)].path.resolve().is_relative_to(root.resolve()):
+            continue
+        scores = {str(learner): {"mean": float(p.score.mean()), "runs": int(len(p))} for learner, p in part.groupby("learner")}
+        add_scores(sets[int(index)].path.parent, task, scores)
+
+
 def _write_rows(rows: list[dict], path: Path) -> None:
     if not rows:  # nothing finished yet: no file, rather than one without columns
         path.unlink(missing_ok=True)
@@ -154,6 +168,7 @@ def evaluate_and_report(
         runs = evaluate_groups(ctx.cfg, ctx.data, groups, results / "runs.csv", learners, seeds, ctx.resume, ctx.run_id, timer)
     table = results_table(runs, references)
     paths = write_results(runs, table, results, ctx.data.task.score_name)
+    scores_to_cards(groups, runs, ctx.data.task, ctx.layout.distilled)
     return Report(runs, table, to_markdown(table, ctx.data.task.score_name), paths)
 
 
@@ -196,23 +211,62 @@ def run_command(cfg: Config, resume: bool = False) -> str:
     return f"{report.markdown}\n\n{timer.markdown()}"
 
 
-def evaluate_command(cfg: Config, learners: Sequence[str] = (), data_path: Path | None = None, resume: bool = False) -> str:
-    """``dilm-ray evaluate``: every set under the run's ``distilled/`` (or ``data_path``, a file
-    or a folder of ``<method>/dpc<D>/set<i>/``) x learners x seeds; returns the table."""
+def set_dpc(data: TextSet, num_labels: int) -> tuple[int, str]:
+    """A set's DPC read from the set: its rows per class, and a note when classes are unequal
+    (then the DPC is the mean rows per class, rounded)."""
+    counts = data.counts(num_labels)
+    if len(set(counts)) == 1:
+        return counts[0], ""
+    return max(1, round(len(data) / num_labels)), f"unequal classes ({'/'.join(map(str, counts))} rows per label)"
+
+
+def load_any(source: Path, task: TaskSpec, columns: Mapping[str, str] | None = None, log: Callable[[str], None] = print) -> Groups:
+    """The sets under ``source``: a file; a folder in this project's ``<method>/dpc<D>/set<i>/``
+    layout; or any folder tree of data files, one group per folder (its path relative to
+    ``source``), each set's DPC read from the set. ``columns`` maps the task's column names
+    to the files' (``{"label": "labels"}``)."""
+    if source.is_file():
+        found: Mapping[str, Sequence[Path]] = {source.stem: [source]}
+    else:
+        own = discover_sets(source)
+        if own:
+            return {g: [LoadedSet(load_file(p, task, dict(columns or {})), file_digest(p), p) for p in paths] for g, paths in own.items()}
+        found = discover_data_files(source)
+        if not found:
+            raise UserError(f"no data files (parquet, csv, json, jsonl) under {source}")
+    groups: Groups = {}
+    for name, paths in found.items():
+        for path in paths:
+            data = load_file(path, task, dict(columns or {}))
+            dpc, note = set_dpc(data, task.num_labels)
+            if note:
+                log(f"[evaluate] {path}: {note}: reported as DPC {dpc}")
+            groups.setdefault((name, dpc), []).append(LoadedSet(data, file_digest(path), path))
+    for (name, dpc), sets in groups.items():
+        log(f"[evaluate] {name}: {len(sets)} sets at DPC {dpc}")
+    return groups
+
+
+def evaluate_command(
+    cfg: Config, learners: Sequence[str] = (), data_path: Path | None = None, resume: bool = False,
+    columns: Mapping[str, str] | None = None, references: Sequence[str] = (),
+) -> str:
+    """``dilm-ray evaluate``: every set under the run's ``distilled/`` (or ``data_path``: see
+    ``load_any``) x learners x seeds; returns the table. Its p-values compare every method with
+    each of ``references`` (default: ``dilm`` when evaluated, else the first group)."""
     layout = RunLayout(cfg.run_dir)
     data = load_data(cfg)
-    source = data_path or layout.distilled
-    if source.is_file():
-        found = {(source.stem, 0): [source]}
-    else:
-        found = discover_sets(source)
-        if not found:
-            raise UserError(f"no distilled sets under {source} (expected <method>/dpc<D>/set<i>/train.jsonl or train.parquet)")
-    groups = load_groups(found, data.task)
+    groups = load_any(data_path or layout.distilled, data.task, columns)
+    methods = sorted({m for m, _ in groups})
+    unknown = [r for r in references if r not in methods]
+    if unknown:
+        raise UserError(f"--reference {unknown[0]}: no such method among the evaluated sets ({', '.join(methods)})")
+    references = list(references) or (["dilm"] if "dilm" in methods else methods[:1])
     timer = StageTimer(layout.timing)
     with mlflow_run(cfg, "evaluate", layout.mlflow_runs, resume) as run_id:
         with timer.span("evaluate", count=False):
             runs = evaluate_groups(cfg, data, groups, layout.runs_csv, learners, None, resume, run_id, timer)
-        table = results_table(runs)
+        table = results_table(runs, references)
         log_artifacts(run_id, write_results(runs, table, layout.results, data.task.score_name), "results")
+    scores_to_cards(groups, runs, data.task, layout.distilled)
     return to_markdown(table, data.task.score_name)

@@ -57,15 +57,16 @@ def _parquet_rows(path: Path) -> int | None:
 def _load_hub(task: TaskSpec, split: str):
     import datasets
 
+    from dilm_ray.hub import go_offline_if_unreachable
+
     if task.hub_path is None:
         raise UserError(f"data.path is required for the custom task '{task.name}'")
+    unreachable = go_offline_if_unreachable()
     try:
         return datasets.load_dataset(task.hub_path, task.hub_name, split=split)
     except Exception as exc:
-        raise UserError(
-            f"cannot load {task.hub_path}/{task.hub_name} split '{split}' from the hub "
-            f"({str(exc).splitlines()[0]}); set data.path to a local folder"
-        ) from None
+        why = f"{unreachable}, and it is not in the local cache" if unreachable else str(exc).splitlines()[0]
+        raise UserError(f"cannot load {task.hub_path}/{task.hub_name} split '{split}' from the hub ({why}); set data.path to a local folder") from None
 
 
 def to_textset(table, task: TaskSpec, source: str) -> TextSet:
@@ -117,11 +118,32 @@ def load_split(cfg: DataConfig, task: TaskSpec, split: str) -> TextSet:
     return to_textset(_load_table(path), task, str(path))
 
 
-def load_file(path: Path, task: TaskSpec) -> TextSet:
-    """A user-supplied dataset file (e.g. someone else's distilled text) in the task's layout."""
+LABEL_ALIASES = ("labels",)  # what other tools call the label column (the DiLM authors' released sets)
+
+
+def load_file(path: Path, task: TaskSpec, columns: dict[str, str] | None = None) -> TextSet:
+    """A dataset file (parquet, csv, json, jsonl), e.g. someone else's distilled text.
+
+    ``columns`` maps the task's column names to this file's (``{"label": "labels"}``); without
+    a mapping for the label, a file without the task's label column but with ``labels`` uses
+    that. Raises ``UserError`` naming the file for a missing file, column, text or a label
+    outside the label set.
+    """
     if not path.is_file():
         raise UserError(f"dataset file not found: {path}")
-    return to_textset(_load_table(path), task, str(path))
+    table = _load_table(path)
+    mapping = dict(columns or {})
+    if task.label_column not in mapping and task.label_column not in table.column_names:
+        alias = next((a for a in LABEL_ALIASES if a in table.column_names), None)
+        if alias is not None:
+            mapping[task.label_column] = alias
+    for ours, theirs in mapping.items():
+        if theirs not in table.column_names:
+            raise UserError(f"{path}: --columns {ours}={theirs}: no column '{theirs}' (columns: {', '.join(table.column_names)})")
+    for ours, theirs in mapping.items():
+        if ours != theirs:
+            table = table.rename_column(theirs, ours) if ours not in table.column_names else table.remove_columns(ours).rename_column(theirs, ours)
+    return to_textset(table, task, str(path))
 
 
 def subsample(data: TextSet, n: int | None, seed: int, balanced: bool, num_labels: int) -> TextSet:

@@ -94,10 +94,18 @@ def load_with_hint(key: str, name: str, loader):
     Returns what ``loader`` returns. Raises UserError for an OSError from ``loader`` (and as
     ``resolve_model`` does); other exceptions propagate unchanged.
     """
+    from dilm_ray.hub import go_offline_if_unreachable
+
     resolved = resolve_model(name)
+    unreachable = go_offline_if_unreachable() if not Path(resolved).exists() else None
     try:
         return loader(resolved)
     except OSError as exc:
+        if unreachable:
+            raise UserError(
+                f"{key}: cannot load '{name}': {unreachable}, and it is not in the local cache; "
+                f"use an embedded name ({', '.join(EMBEDDED)}) or a local folder"
+            ) from None
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
         raise UserError(
             f"{key}: cannot load '{name}'{offline}: not an embedded name ({', '.join(EMBEDDED)}), "
