@@ -128,6 +128,8 @@ class EvaluateConfig(_Section):
     baselines: list[Literal["random", "k_centers", "herding", "lm_only"]] = ["random", "k_centers", "herding", "lm_only"]
     learners: list[str] = Field([], description="learner architectures to evaluate (minilm-l6, smollm2-135m, scratch-transformer, tfidf-logreg, hub ids); empty: learner.model")
     parallel: bool = Field(True, description="fan runs out as Ray tasks (ray.cpus_per_eval_task each)")
+    icl_shots_per_class: int | None = Field(None, ge=1, description="icl:<LM> learners: demonstrations per label drawn from a set; None: all its rows")
+    icl_batch_size: int = Field(16, ge=1, description="icl:<LM> learners: validation rows scored per forward pass")
 
 
 class SearchSpec(_Section):

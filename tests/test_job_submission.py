@@ -164,26 +164,32 @@ def test_job_submission_to_a_token_authenticated_head(tiny_overrides, tmp_path):
         head = subprocess.Popen(head_cmd, env=head_env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
+        print("T", time.time(), '_wait_for_dashboard(', flush=True)
         _wait_for_dashboard(address, head, head_log)
 
         # the trap: without the token the dashboard refuses the submission
+        print("T", time.time(), 'refused = submit(', flush=True)
         refused = submit(no_token_env, "dilm-no-token")
         assert refused.returncode != 0
         assert "Authentication required" in refused.stdout + refused.stderr
         assert "Missing authentication token" in refused.stdout + refused.stderr
 
+        print("T", time.time(), 'done = submit(', flush=True)
         done = submit(client_env, "dilm-run")
         output = done.stdout + done.stderr
+        Path("/tmp/jobsub-debug.txt").write_text(output)
         assert done.returncode == 0, output[-5000:] + "\nhead:\n" + head_log.read_text()[-2000:]
         assert "Job 'dilm-run' succeeded" in output, output[-5000:]
         for method in ("dilm", "lm_only", "random", "k_centers", "herding"):
             assert f"| {method} |" in output  # the results table, in the job's logs
 
+        print("T", time.time(), 'status = subprocess.', flush=True)
         status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, "dilm-run"],
                                 env=client_env, capture_output=True, text=True, timeout=60)
         assert status.returncode == 0 and "succeeded" in status.stdout + status.stderr, status.stdout + status.stderr
 
         # the evaluation ran as Ray tasks of this cluster (not of a Ray embedded in the driver)
+        print("T", time.time(), 'tasks = subprocess.r', flush=True)
         tasks = subprocess.run([str(BIN / "ray"), "list", "tasks", "--address", address, "--filter", "name=_remote_call",
                                 "--filter", "state=FINISHED", "--format", "json", "--limit", "1000"],
                                env=client_env, capture_output=True, text=True, timeout=60)
@@ -191,6 +197,7 @@ def test_job_submission_to_a_token_authenticated_head(tiny_overrides, tmp_path):
         assert len(json.loads(tasks.stdout)) == JOBS, tasks.stdout[-3000:]
 
         # the driver ran on this head: its run folder and MLflow store are where the overrides say
+        print("T", time.time(), 'runs = pd.read_csv', flush=True)
         runs = pd.read_csv(tmp_path / "runs" / "t" / "results" / "runs.csv")
         assert len(runs) == JOBS
         mlflow.set_tracking_uri(uri)
@@ -200,7 +207,9 @@ def test_job_submission_to_a_token_authenticated_head(tiny_overrides, tmp_path):
                                       filter_string=f"tags.mlflow.parentRunId = '{parents.run_id[0]}'")
         assert len(children) == JOBS and set(children["status"]) == {"FINISHED"}
     finally:
+        print("T", time.time(), '_stop(head, marker_v', flush=True)
         _stop(head, marker_value)
         left = _ours(marker_value, head.pid)
         shutil.rmtree(temp_dir, ignore_errors=True)
+    print("T", time.time(), 'assert not left', flush=True)
     assert not left, f"processes left running: {[p.pid for p in left]}"

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from dilm_ray import interrupts
@@ -21,7 +22,8 @@ from dilm_ray.data import TaskData, TaskSpec, TextSet, load_data, load_file
 from dilm_ray.data.card import add_scores
 from dilm_ray.driver.executors import executor
 from dilm_ray.errors import UserError
-from dilm_ray.evaluation.job import JOB_KEY, EvalJob, Group, eval_key, plan_for_learners, row_key, run_job
+from dilm_ray.evaluation.icl import is_icl
+from dilm_ray.evaluation.job import JOB_KEY, ZERO_SHOT, EvalJob, Group, eval_key, plan_for_learners, row_key, run_job
 from dilm_ray.evaluation.report import results_table, to_markdown, write_results
 from dilm_ray.keys import file_digest
 from dilm_ray.layout import RunLayout, discover_data_files, discover_sets
@@ -86,6 +88,9 @@ def evaluate_groups(
     if not groups:
         raise UserError("no distilled sets to evaluate")
     learners = list(learners or cfg.evaluate.learners or [cfg.learner.model])
+    if any(is_icl(name) for name in learners):  # the zero-shot reference: no demonstrations
+        empty = TextSet(data.task.text_columns, (), np.zeros(0))
+        groups = {**groups, ZERO_SHOT: [LoadedSet(empty, empty.digest(), Path("-"))]}
     plan = plan_for_learners(groups, learners, cfg.synthesize.n_datasets, cfg.evaluate.n_evals_per_dataset, seeds or {}, cfg.seed)
     keys = {name: eval_key(cfg, data.task, data.validation, name) for name in learners}
 

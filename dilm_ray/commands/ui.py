@@ -36,8 +36,8 @@ RUNS_VIEW_KEY = "dilm-eval-runs"
 RUNS_VIEW_NAME = "dilm: evaluation runs"
 # The evaluation child runs (tracking.mlflow_store.log_evaluation_runs) carry this tag.
 EVALUATION_RUNS_FILTER = "tags.command = 'evaluate-run'"
-# Shown in this order after the run name and start time (the UI's default Source, Models and
-# Dataset columns are not shown; Duration moves to the end).
+# Shown in this order after the run name and start time, instead of the UI's default Source,
+# Models and Dataset columns.
 RUNS_VIEW_COLUMNS = ("params.method", "params.dpc", "params.learner", "metrics.score", "metrics.accuracy", "metrics.f1", "params.seed", "params.set_index", "params.family")
 COLUMN_WIDTH = 90
 WIDE_COLUMNS = {"params.`learner`": 140}

@@ -49,12 +49,25 @@ def plan_jobs(groups: Mapping[Group, Sequence], runs_per_group: int, seed: int, 
     ]
 
 
+ZERO_SHOT: Group = ("zero_shot", 0)  # icl: learners' reference: the prompt without demonstrations
+
+
 def plan_for_learners(
     groups: Mapping[Group, Sequence], learners: Sequence[str], n_sets: int, seeds_per_set: int, seeds: Mapping[str, int], seed: int
 ) -> list[EvalJob]:
     """Every learner's jobs: ``n_sets x seeds.get(learner, seeds_per_set)`` per group. A learner
-    with fewer seeds per set gets a prefix of the full plan's jobs (the same sets and seeds)."""
-    return [job for name in learners for job in plan_jobs(groups, n_sets * seeds.get(name, seeds_per_set), seed, [name])]
+    with fewer seeds per set gets a prefix of the full plan's jobs (the same sets and seeds).
+    An ``icl:`` learner also gets one zero-shot job (group ``ZERO_SHOT``, deterministic), when
+    ``groups`` holds that group; other learners never train on it."""
+    from dilm_ray.evaluation.icl import is_icl
+
+    real = {g: sets for g, sets in groups.items() if g != ZERO_SHOT}
+    jobs = []
+    for name in learners:
+        jobs += plan_jobs(real, n_sets * seeds.get(name, seeds_per_set), seed, [name])
+        if is_icl(name) and ZERO_SHOT in groups:
+            jobs.append(EvalJob(name, *ZERO_SHOT, 0, seed))
+    return jobs
 
 
 def eval_key(cfg: Config, task: TaskSpec, validation: TextSet, learner: str) -> str:
@@ -63,7 +76,11 @@ def eval_key(cfg: Config, task: TaskSpec, validation: TextSet, learner: str) -> 
     task's metric and the validation rows themselves (not the path they came from).
 
     16 hex characters (``content_key``)."""
+    from dilm_ray.evaluation.icl import is_icl
+
     protocol = cfg.evaluate.model_dump(mode="json", exclude={"n_evals_per_dataset", "baselines", "learners", "parallel"})
+    if not is_icl(learner):  # the in-context settings touch only icl: learners
+        protocol = {k: v for k, v in protocol.items() if not k.startswith("icl_")}
     return content_key(learner, cfg.learner.model_dump(mode="json"), protocol, task.metric, task.label_names, validation.digest())
 
 

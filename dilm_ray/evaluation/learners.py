@@ -24,6 +24,7 @@ from torch import nn
 from dilm_ray.config import Config, LearnerConfig
 from dilm_ray.data.dataset import TextSet
 from dilm_ray.data.tasks import TaskSpec
+from dilm_ray.evaluation.icl import build_icl, demonstrations, icl_predict, is_icl
 from dilm_ray.evaluation.train_eval import predict, scores, train_learner
 from dilm_ray.models.learner import DECODER_TYPES, Classifier, Learner, build_learner
 from dilm_ray.models.registry import load_with_hint
@@ -49,6 +50,8 @@ def describe(name: str) -> str:
     """
     if name in LEARNER_KINDS:
         return LEARNER_KINDS[name]
+    if is_icl(name):
+        return "icl"
     config = Path(name).expanduser() / "config.json"
     if config.is_file():
         try:
@@ -189,6 +192,13 @@ def evaluate_learner(
     if name == TFIDF:
         start = time.perf_counter()
         preds = tfidf_predict(train, validation, seed)
+    elif is_icl(name):
+        model, tokenizer = cache[name] if cache is not None and name in cache else build_icl(name)
+        if cache is not None:
+            cache[name] = (model, tokenizer)
+        start = time.perf_counter()
+        demos = demonstrations(train, cfg.evaluate.icl_shots_per_class, seed)
+        preds = icl_predict(model, tokenizer, task, demos, validation, cfg.evaluate.icl_batch_size)
     else:
         learner = _cached(name, cfg, task, seed, cache)
         start = time.perf_counter()
