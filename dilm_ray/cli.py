@@ -7,7 +7,6 @@ User errors print one line and exit with status 2. Ctrl-C and SIGTERM end a comm
 from __future__ import annotations
 
 import functools
-import subprocess
 import sys
 from pathlib import Path
 
@@ -172,16 +171,27 @@ def run(cfg: Config, resume: bool) -> None:
 
 
 @main.command()
-@click.option("--uri", default=None, help="backend store; default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db here")
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--uri", default=None, help="backend store; default: the config's tracking.uri, MLFLOW_TRACKING_URI or sqlite:///mlflow.db here")
+@click.option("--experiment", default=None, help="experiment to open; default: the config's (dilm-<task>)")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5000, show_default=True)
-def ui(uri: str | None, host: str, port: int) -> None:
-    """Serve the MLflow UI for the runs recorded here."""
-    from dilm_ray.tracking.mlflow_store import tracking_uri
+@click.option("--no-browser", is_flag=True, help="only print the URL")
+def ui(config: str | None, uri: str | None, experiment: str | None, host: str, port: int, no_browser: bool) -> None:
+    """Serve the MLflow UI and print (and open) the URL of the task's evaluation runs.
 
-    store = uri or tracking_uri(Config())
-    click.echo(f"MLflow UI on http://{host}:{port} (store {store})")
-    sys.exit(subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", host, "--port", str(port), "--workers", "1"]))
+    MLflow 3.17 opens in its GenAI view; the printed URL opens the experiment's runs in the
+    training view, with a saved view (an experiment tag) showing method, DPC, learner and score.
+    """
+    from dilm_ray.commands.ui import serve
+    from dilm_ray.tracking.mlflow_store import experiment_name, tracking_uri
+
+    try:
+        cfg = load_config(config)
+    except UserError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    sys.exit(serve(uri or tracking_uri(cfg), host, port, experiment or experiment_name(cfg), not no_browser, echo=click.echo))
 
 
 if __name__ == "__main__":
