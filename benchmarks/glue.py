@@ -143,11 +143,9 @@ def record_command(out: Path, command: str) -> list[str]:
     return commands
 
 
-def record_provenance(out: Path, command: str, cfg: Config, added_runs: int) -> None:
-    """Append the invocation (command, commit, resolved config, runs it added) to ``provenance.jsonl``."""
-    from dilm_ray.provenance import commit
-
-    line = {"command": command, "commit": commit(), "added_runs": added_runs, "config": cfg.to_dict()}
+def record_provenance(out: Path, command: str, commit: str, cfg: Config, added_runs: int) -> None:
+    """Append the invocation (command, commit at its start, resolved config, runs it added) to ``provenance.jsonl``."""
+    line = {"command": command, "commit": commit, "added_runs": added_runs, "config": cfg.to_dict()}
     with open(out / "provenance.jsonl", "a") as f:
         f.write(json.dumps(line) + "\n")
 
@@ -168,12 +166,14 @@ def markdown(table_md: str, timer, commands: list[str]) -> str:
 def main(config: str, overrides: tuple[str, ...], budget: str, methods, dpcs, learners, seed_specs, record: Path | None) -> None:
     from dilm_ray.commands.pipeline import EVALUATION_RUNS, evaluate_and_report
     from dilm_ray.data import load_data
+    from dilm_ray.provenance import commit
     from dilm_ray.seeding import setup_torch
     from dilm_ray.stages import Context, check_inputs, run_stages
     from dilm_ray.timing import StageTimer
     from dilm_ray.tracking.mlflow_store import log_artifacts, mlflow_run
 
     interrupts.install()
+    code = commit()  # the code this invocation runs, before anything it writes
     try:
         cfg = load_config(config, [*BUDGETS[budget], *overrides])
         if budget == "smoke":
@@ -203,7 +203,7 @@ def main(config: str, overrides: tuple[str, ...], budget: str, methods, dpcs, le
             command = " ".join(["python benchmarks/glue.py", config, *overrides, *options])
             added = timer.runs.get(EVALUATION_RUNS, 0) - ran_before
             if added:
-                record_provenance(out, command, cfg, added)
+                record_provenance(out, command, code, cfg, added)
             (out / "table.md").write_text(markdown(report.markdown, timer, record_command(out, command)))
             paths = [*report.paths, out / "commands.txt", out / "provenance.jsonl", timer.path]
             log_artifacts(run_id, paths, tag)
