@@ -81,7 +81,10 @@ def eval_key(cfg: Config, task: TaskSpec, validation: TextSet, learner: str) -> 
     protocol = cfg.evaluate.model_dump(mode="json", exclude={"n_evals_per_dataset", "baselines", "learners", "parallel"})
     if not is_icl(learner):  # the in-context settings touch only icl: learners
         protocol = {k: v for k, v in protocol.items() if not k.startswith("icl_")}
-    return content_key(learner, cfg.learner.model_dump(mode="json"), protocol, task.metric, task.label_names, validation.digest())
+    from dilm_ray.models.learner import PAIR_ENCODING_VERSION
+
+    pairs = [PAIR_ENCODING_VERSION] if task.is_pair else []  # how the learner reads a pair (single texts: unchanged)
+    return content_key(learner, cfg.learner.model_dump(mode="json"), protocol, task.metric, task.label_names, validation.digest(), *pairs)
 
 
 def run_job(job: EvalJob, train: TextSet, set_digest: str, validation: TextSet, cfg: Config, task: TaskSpec, key: str, cache: dict | None = None) -> dict:

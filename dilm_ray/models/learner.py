@@ -10,6 +10,8 @@ distilled sets in evaluation (Sec. 4).
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 
 import numpy as np
 import torch
@@ -31,14 +33,17 @@ class Classifier(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden, num_labels)
 
-    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Pooled body output, before dropout: float [B, hidden] (the body's dtype) from int64 [B, T] inputs."""
-        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled body output, before dropout: float [B, hidden] (the body's dtype) from int64 [B, T]
+        inputs; ``token_type_ids`` (segment ids, 0 for the first text of a pair, 1 for the second)
+        go to bodies that have them."""
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
         return pool(hidden, attention_mask, self.pooling)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Logits: float [B, num_labels] from int64 [B, T] ``input_ids`` / ``attention_mask``."""
-        return self.head(self.dropout(self.features(input_ids, attention_mask)))
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits: float [B, num_labels] from int64 [B, T] ``input_ids`` / ``attention_mask`` (/ ``token_type_ids``)."""
+        return self.head(self.dropout(self.features(input_ids, attention_mask, token_type_ids)))
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
@@ -90,7 +95,8 @@ class Learner:
         return {
             "class": type(self).__name__,
             "tokenizer": [type(self.tokenizer).__name__, len(self.tokenizer), self.tokenizer.padding_side],
-            "encoding": "tokenizer(text[, text_pair]) -> input_ids, attention_mask",
+            "encoding": PAIR_ENCODING_VERSION,
+            "pair_encoding": self.pair_encoding,
             "max_length": self.max_length,
             "pooling": self.model.pooling,
             "dtype": str(next(self.model.parameters()).dtype),
@@ -117,11 +123,28 @@ class Learner:
         T = the longest row after truncation to ``max_length``; pair tasks go in as text pairs.
         Padding follows the tokenizer's side (right, as set by ``build_learner``).
         """
-        columns = list(zip(*data.texts))
-        enc = self.tokenizer(
-            *[list(c) for c in columns], truncation=True, max_length=self.max_length, padding=True, return_tensors="pt"
-        )
-        return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
+        enc = self.tokenizer(*self.text_inputs(data), truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        keys = ("input_ids", "attention_mask", "token_type_ids") if self.pair_encoding == "segments" else ("input_ids", "attention_mask")
+        return {k: enc[k].to(self.device) for k in keys}
+
+    @functools.cached_property
+    def pair_encoding(self) -> str:
+        """How the two texts of a pair reach the body: ``segments`` (the tokenizer's pair template
+        with segment ids, for bodies that take ``token_type_ids``: BERT, MiniLM), ``template``
+        (decoders: the texts joined by ``DECODER_PAIR_TEMPLATE``, since their tokenizers glue a
+        pair with no separator), or ``tokenizer`` (the tokenizer's pair template alone)."""
+        if self.model.pooling == "last" or getattr(self.model.body.config, "model_type", "") in DECODER_TYPES:
+            return "template"
+        takes_segments = "token_type_ids" in inspect.signature(self.model.body.forward).parameters
+        return "segments" if takes_segments and "token_type_ids" in self.tokenizer.model_input_names else "tokenizer"
+
+    def text_inputs(self, data: TextSet) -> list[list[str]]:
+        """The tokenizer's positional text arguments: one list of texts, or two for a pair task
+        (one list of joined texts for decoders)."""
+        columns = [list(c) for c in zip(*data.texts)]
+        if len(columns) == 2 and self.pair_encoding == "template":
+            return [[DECODER_PAIR_TEMPLATE.format(a, b) for a, b in zip(*columns)]]
+        return columns
 
     @torch.no_grad()
     def embed(self, data: TextSet, progress: bool = False) -> torch.Tensor:
@@ -143,6 +166,10 @@ class Learner:
             out[torch.as_tensor(idx)] = self.model.features(**self.batch(data.select(idx))).float().cpu()
         self.model.train(was_training)
         return out
+
+
+PAIR_ENCODING_VERSION = "pairs-v2"  # v2: segment ids for encoders, an explicit separator for decoders
+DECODER_PAIR_TEMPLATE = "{}\n{}"  # a decoder reads a pair as two lines
 
 
 def default_pooling(config) -> str:

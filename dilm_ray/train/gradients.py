@@ -46,7 +46,7 @@ def full_grads(learner: Learner, data: TextSet) -> torch.Tensor:
     labels = torch.as_tensor(data.labels, device=learner.device)
     rows = []
     for i in range(len(data)):
-        logits = model(batch["input_ids"][i : i + 1], batch["attention_mask"][i : i + 1])
+        logits = model(**{k: v[i : i + 1] for k, v in batch.items()})
         grads = torch.autograd.grad(F.cross_entropy(logits, labels[i : i + 1]), params, allow_unused=True)
         rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)]))
     model.train(was_training)
