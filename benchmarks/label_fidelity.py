@@ -23,18 +23,7 @@ import torch
 from dilm_ray.config import Config, load_config
 from dilm_ray.data import TextSet
 from dilm_ray.errors import UserError
-
-
-def reference_classifier(train: TextSet):
-    """TF-IDF + logistic regression on the real rows: ``predict(TextSet) -> labels``."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-
-    from dilm_ray.evaluation.learners import joined_texts
-
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
-    clf = LogisticRegression(max_iter=1000).fit(vectorizer.fit_transform(joined_texts(train)), train.labels)
-    return lambda data: clf.predict(vectorizer.transform(joined_texts(data)))
+from dilm_ray.evaluation.fidelity import reference_classifier
 
 
 def fidelity(cfg: Config, gen, predict, per_label: int) -> tuple[float, list[float], TextSet]:

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from dilm_ray import precision as _precision
 from dilm_ray.errors import UserError
 
 PositiveInt = Field(ge=1)
@@ -32,6 +33,9 @@ class DataConfig(_Section):
     max_train_samples: int | None = Field(None, ge=1)
     max_validation_samples: int | None = Field(None, ge=1)
     balanced: bool = Field(False, description="subsample the same number of rows per label")
+    dev_samples: int | None = Field(
+        None, ge=1, description="report on this many held-out train rows (outside max_train_samples) instead of the validation split: choose settings here, confirm on validation"
+    )
     seed: int = 0
 
 
@@ -192,6 +196,17 @@ class Config(_Section):
     tune: TuneConfig = TuneConfig()
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="bf16: mixed precision (autocast, fp32 master weights); auto: bf16 on CUDA workers (ray.use_gpu) and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32",
+    )
+
+    @field_validator("precision")
+    @classmethod
+    def _resolve_precision(cls, value: str, info: ValidationInfo) -> str:
+        # resolved once, where the config is made: keys, records and workers see what ran
+        ray = info.data.get("ray")
+        return _precision.resolve(value, bool(ray and ray.use_gpu))
 
     @property
     def run_dir(self) -> Path:

@@ -30,6 +30,7 @@ from dilm_ray.data import TaskData, TaskSpec, TextSet, load_data, load_file
 from dilm_ray.data.card import write_card
 from dilm_ray.errors import UserError
 from dilm_ray.keys import content_key
+from dilm_ray.precision import key_parts
 from dilm_ray.layout import CORESETS, ROWS_FILE, RunLayout
 from dilm_ray.provenance import commit
 from dilm_ray.timing import StageTimer
@@ -95,11 +96,11 @@ class Stage:
 
 def _data_key(cfg: Config) -> dict:
     # not data.path (machine-specific; the rows are what matter and the seed picks them) nor the validation split
-    return cfg.data.model_dump(mode="json", exclude={"path", "validation_split", "max_validation_samples"})
+    return cfg.data.model_dump(mode="json", exclude={"path", "validation_split", "max_validation_samples", "dev_samples"})
 
 
 def _pretrain_key(cfg: Config) -> str:
-    return content_key(_data_key(cfg), cfg.generator.model_dump(mode="json"), cfg.pretrain.model_dump(mode="json", exclude={"log_every", "checkpoint_every"}), cfg.seed, cfg.ray.num_workers)
+    return content_key(_data_key(cfg), cfg.generator.model_dump(mode="json"), cfg.pretrain.model_dump(mode="json", exclude={"log_every", "checkpoint_every"}), cfg.seed, cfg.ray.num_workers, *key_parts(cfg.precision))
 
 
 def _distill_key(cfg: Config) -> str:
@@ -113,7 +114,7 @@ def _synthesize_key(source_key: Callable[[Config], str]) -> Callable[[Config], s
 
 
 def _coreset_key(cfg: Config) -> str:
-    return content_key(_data_key(cfg), cfg.learner.model_dump(mode="json"))
+    return content_key(_data_key(cfg), cfg.learner.model_dump(mode="json"), *key_parts(cfg.precision))
 
 
 # ---- outputs ----------------------------------------------------------------------------------
@@ -161,9 +162,11 @@ def synthesize_sets(ctx: Context, method: str) -> dict[int, list[Path]]:
     With ``ctx.resume`` the sets already on disk are kept and only the missing ones are made
     (set i has its own seed, so it comes out the same); otherwise every set is made afresh.
     """
+    from dilm_ray.evaluation.fidelity import label_fidelity, reference_classifier
     from dilm_ray.models.generator import build_generator
     from dilm_ray.models.learner import build_learner
     from dilm_ray.synthesis import synthesize
+    from dilm_ray.tracking.mlflow_store import log_metrics
 
     cfg, layout, task = ctx.cfg, ctx.layout, ctx.data.task
     source = layout.generator_dilm if method == "dilm" else layout.generator_lm
@@ -172,6 +175,7 @@ def synthesize_sets(ctx: Context, method: str) -> dict[int, list[Path]]:
     written: dict[int, list[Path]] = {}
     previews = []
     made_by = {"method": method, "generator": f"{cfg.generator.model} -> {source.name}", "learner": cfg.learner.model, "seed": cfg.seed, "commit": commit()}
+    reference = reference_classifier(ctx.data.train, cfg.seed)  # label fidelity of every set made
     for dpc in cfg.synthesize.dpc:
         written[dpc] = [layout.set_dir(method, dpc, i) / "train.jsonl" for i in range(cfg.synthesize.n_datasets)]
         todo = [i for i, path in enumerate(written[dpc]) if not (ctx.resume and path.is_file())]
@@ -179,10 +183,14 @@ def synthesize_sets(ctx: Context, method: str) -> dict[int, list[Path]]:
         def save(i: int, subset: TextSet, dpc: int = dpc) -> None:
             folder = layout.set_dir(method, dpc, i)
             subset.save(folder)
-            write_card(folder, task, {**made_by, "dpc": dpc, "set_index": i, "rows": len(subset)})
+            fidelity = label_fidelity(reference, [subset], task.num_labels).overall
+            write_card(folder, task, {**made_by, "dpc": dpc, "set_index": i, "rows": len(subset), "label_fidelity": round(fidelity, 4)})
 
-        _, dropped = synthesize(gen, learner, cfg.synthesize, cfg.generator, dpc, cfg.seed, indices=todo, on_set=save)
-        print(f"{method} dpc={dpc}: {len(todo)} sets made, {len(written[dpc]) - len(todo)} kept, {dropped} malformed samples dropped and regenerated")
+        _, dropped = synthesize(gen, learner, cfg.synthesize, cfg.generator, dpc, cfg.seed, indices=todo, on_set=save, precision=cfg.precision)
+        fidelity = label_fidelity(reference, [load_file(p, task) for p in written[dpc]], task.num_labels)
+        print(f"{method} dpc={dpc}: {len(todo)} sets made, {len(written[dpc]) - len(todo)} kept, {dropped} malformed samples dropped and regenerated; "
+              f"label fidelity {fidelity.text()}%")
+        log_metrics(ctx.run_id, {f"synthesize.label_fidelity.{method}.dpc{dpc}": fidelity.overall})
         previews.append(preview(load_file(written[dpc][0], task), task, f"{method}, DPC {dpc}, set 0"))
     (layout.method_dir(method) / "preview.md").write_text("\n\n".join(previews) + "\n")
     log_artifacts(ctx.run_id, [layout.method_dir(method)], f"distilled/{method}")
@@ -215,7 +223,7 @@ def coreset_sets(ctx: Context, methods: Sequence[str] | None = None) -> dict[str
     methods = list(methods if methods is not None else _coresets(ctx))
     needs_embeddings = any(m != "random" for m in methods)
     learner = build_learner(cfg.learner, data.task.num_labels, cfg.seed) if needs_embeddings else None
-    embeddings = train_embeddings(layout.cache, data.train, learner) if learner else torch.zeros(len(data.train), 1)
+    embeddings = train_embeddings(layout.cache, data.train, learner, cfg.precision) if learner else torch.zeros(len(data.train), 1)
     written: dict[str, dict[int, list[Path]]] = {}
     made_by = {"learner": cfg.learner.model if needs_embeddings else None, "commit": commit()}
     for method in methods:

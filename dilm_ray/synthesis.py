@@ -13,6 +13,7 @@ from dilm_ray.config import GeneratorConfig, SynthesizeConfig
 from dilm_ray.data.dataset import TextSet
 from dilm_ray.models.generator import Generator
 from dilm_ray.models.learner import Learner
+from dilm_ray.precision import autocast, prepare
 
 
 def select_per_class(embeddings: torch.Tensor, labels: np.ndarray, dpc: int, method: str, seed: int) -> np.ndarray:
@@ -45,18 +46,25 @@ def coreset(train: TextSet, embeddings: torch.Tensor, dpc: int, method: str, see
 def synthesize(
     gen: Generator, learner: Learner, cfg: SynthesizeConfig, gen_cfg: GeneratorConfig, dpc: int, seed: int,
     indices: Sequence[int] | None = None, progress: bool = True, on_set: Callable[[int, TextSet], None] | None = None,
+    precision: str = "fp32",
 ) -> tuple[list[TextSet], int]:
     """DiLM stage 3 (Sec. 3.3): sets ``indices`` (default: all ``cfg.n_datasets``): generate
     dpc x over_sample_ratio per class, keep dpc by K-centers (or at random) on learner embeddings. Each set draws from its own
     seed, so set i is the same whether or not the others are made. ``on_set(i, set)`` runs as each
     set is made (to save it before the next: a set can take minutes). Returns (sets, malformed
-    samples dropped)."""
+    samples dropped). Sampling and embedding run under ``precision`` (bf16: the generator, only
+    sampled here, is frozen and held in bf16, its KV cache too)."""
+    gen.model.requires_grad_(False)
+    prepare(gen.model, precision, gen.device)
+    prepare(learner.model.body, precision, learner.device)
     sets, dropped = [], 0
     for i in tqdm(range(cfg.n_datasets) if indices is None else indices, desc=f"synthesize dpc={dpc}", disable=not progress):
         rng = torch.Generator().manual_seed(seed * 1_000_003 + dpc * 1009 + i)
-        pool, d = gen.generate_all(dpc * cfg.over_sample_ratio, gen_cfg, rng, cfg.max_attempts)
+        with autocast(precision, gen.device):
+            pool, d = gen.generate_all(dpc * cfg.over_sample_ratio, gen_cfg, rng, cfg.max_attempts)
+            embeddings = learner.embed(pool)
         dropped += d
-        sets.append(coreset(pool, learner.embed(pool), dpc, cfg.select, seed=i)[0])
+        sets.append(coreset(pool, embeddings, dpc, cfg.select, seed=i)[0])
         if on_set:
             on_set(i, sets[-1])
     return sets, dropped

@@ -43,7 +43,21 @@ def test_stages_chain_through_the_cli(tiny_overrides, tmp_path):
     loaded = datasets.load_dataset(str(folder))["train"]
     assert loaded.features["label"].names == ["negative", "positive"] and len(loaded) == 4
     assert read_card(tmp_path / "runs" / "t" / "distilled" / "herding" / "dpc2" / "set0")["method"] == "herding"
-    single = folder / "train.jsonl"
+    # label fidelity: the card's is the reference classifier's agreement on that set; the table
+    # gives it per generated group and leaves coresets blank
+    from dilm_ray.config import load_config
+    from dilm_ray.data import load_data, load_file
+    from dilm_ray.evaluation.fidelity import label_fidelity, reference_classifier
+
+    data = load_data(load_config(cfg[0], cfg[1:]))
+    reference = reference_classifier(data.train, 42)
+    expected = label_fidelity(reference, [load_file(single := folder / "train.jsonl", data.task)], 2).overall
+    assert card["label_fidelity"] == round(expected, 4)
+    dilm_row = next(line for line in out.splitlines() if "| dilm |" in line)
+    random_row = next(line for line in out.splitlines() if "| random |" in line)
+    group = label_fidelity(reference, [load_file(p, data.task) for p in sorted(folder.parent.glob("set*/train.jsonl"))], 2)
+    assert "label fidelity % (per label)" in out and dilm_row.split("|")[-2].strip() == group.text()
+    assert random_row.split("|")[-2].strip() == ""
     assert "| train |" in _invoke(["evaluate", *cfg, "--data", str(single)])
 
 

@@ -116,3 +116,28 @@ def test_cli_validate_bad_column(tmp_path):
     pd.DataFrame({"text": ["a"], "label": [0]}).to_parquet(tmp_path / "train.parquet")
     result = CliRunner().invoke(main, ["validate", "configs/sst2-cpu.yaml", f"data.path={tmp_path}"])
     assert result.exit_code == 2 and "missing column 'sentence'" in result.output
+
+
+def test_a_development_split_is_carved_from_train_rows_outside_the_train_rows(toy_data_dir):
+    from dilm_ray.config import load_config
+    from dilm_ray.data import load_data
+    from dilm_ray.data.loading import subsample_indices
+
+    base = [f"data.path={toy_data_dir}", "data.max_train_samples=100", "data.balanced=true"]
+    plain = load_data(load_config(None, base))
+    dev = load_data(load_config(None, [*base, "data.dev_samples=40"]))
+    assert dev.train.digest() == plain.train.digest()  # the same train rows: stages are shared
+    assert len(dev.validation) == 40
+    full = load_data(load_config(None, [f"data.path={toy_data_dir}"]))
+    train_rows = {(t, int(y)) for t, y in zip(dev.train.texts, dev.train.labels)}
+    dev_rows = [(t, int(y)) for t, y in zip(dev.validation.texts, dev.validation.labels)]
+    all_rows = {(t, int(y)) for t, y in zip(full.train.texts, full.train.labels)}
+    assert all(r in all_rows for r in dev_rows)  # train-split rows ...
+    assert dev.validation.digest() != plain.validation.digest()  # ... reported instead of the validation split
+    # ... and none of them is a train row (compare by index: toy sentences can repeat)
+    kept = set(subsample_indices(full.train, 100, 0, True, 2).tolist())
+    rest = np.setdiff1d(np.arange(len(full.train)), sorted(kept))
+    picked = np.sort(np.random.default_rng(1).choice(rest, size=40, replace=False))
+    assert not kept & set(picked.tolist()) and full.train.select(picked).digest() == dev.validation.digest()
+    with pytest.raises(UserError, match="data.dev_samples=101: only 100 train rows are left"):
+        load_data(load_config(None, [*base, "data.dev_samples=101"]))

@@ -135,18 +135,33 @@ def test_malformed_samples_are_dropped_and_counted(tiny_lm_dir):
         gen.generate(0, 4, GeneratorConfig(max_length=16), torch.Generator().manual_seed(0), max_attempts=1)
 
 
-def test_top_layers_only_and_label_rows(gen):
+def test_top_layers_only_and_label_rows(gen, tmp_path):
+    batch = TextSet(("sentence",), (("good movie",), ("bad film",)), np.array([1, 0]))
+    with torch.no_grad():
+        plain = gen.lm_losses(batch)
     params = set_trainable(gen, top_layers=1, label_tokens=True)
     layers = gen.model.model.layers
     assert all(not p.requires_grad for p in layers[0].parameters())
     assert all(p.requires_grad for p in layers[-1].parameters())
     emb = gen.model.get_input_embeddings().weight
+    rows = gen.label_rows
+    assert any(p is rows for p in params) and not emb.requires_grad and rows.shape == (2, emb.shape[1])
     before = emb.detach().clone()
-    loss = gen.lm_losses(TextSet(("sentence",), (("good movie",), ("bad film",)), np.array([1, 0]))).mean()
-    loss.backward()
-    changed = emb.grad.abs().sum(1) > 0
-    assert set(torch.nonzero(changed).flatten().tolist()) == set(gen.bos_ids)
-    assert any(p is emb for p in params) and torch.equal(before, emb.detach())
+    loss = gen.lm_losses(batch)
+    assert torch.allclose(loss, plain)  # the rows stand in for the table's: the same model
+    loss.mean().backward()
+    assert emb.grad is None and bool((rows.grad.abs().sum(1) > 0).all())  # only the label rows get gradients
+    with torch.no_grad():
+        rows += 1.0  # an optimizer step
+        moved = gen.lm_losses(batch)
+    assert not torch.allclose(moved, plain)  # the next forward reads the trained rows
+    changed = (emb.detach() != before).any(1)
+    assert set(torch.nonzero(changed).flatten().tolist()) == set(gen.bos_ids)  # ... and the tied table holds them
+    with torch.no_grad():
+        rows += 1.0  # a last step, then save without another forward
+    gen.save(tmp_path)
+    again = build_generator(GeneratorConfig(max_length=12), SST2, str(tmp_path))
+    assert torch.equal(again.model.get_input_embeddings().weight[again.bos_ids], rows.detach())
 
 
 def test_pretraining_learns_label_conditioned_text(tiny_lm_dir, toy_data_dir):

@@ -22,6 +22,7 @@ from dilm_ray.data import TaskData, TaskSpec, TextSet, load_data, load_file
 from dilm_ray.data.card import add_scores
 from dilm_ray.driver.executors import executor
 from dilm_ray.errors import UserError
+from dilm_ray.evaluation.fidelity import Fidelity, group_fidelity, reference_accuracy, reference_classifier
 from dilm_ray.evaluation.icl import is_icl
 from dilm_ray.evaluation.job import JOB_KEY, ZERO_SHOT, EvalJob, Group, eval_key, plan_for_learners, row_key, run_job
 from dilm_ray.evaluation.report import results_table, to_markdown, write_results
@@ -29,7 +30,7 @@ from dilm_ray.keys import file_digest
 from dilm_ray.layout import RunLayout, discover_data_files, discover_sets
 from dilm_ray.stages import Context, check_inputs, run_stages, set_files
 from dilm_ray.timing import StageTimer
-from dilm_ray.tracking.mlflow_store import log_artifacts, log_evaluation_runs, mlflow_run
+from dilm_ray.tracking.mlflow_store import log_artifacts, log_evaluation_runs, log_metrics, mlflow_run
 
 EVALUATION_RUNS = "evaluation runs"  # the timer's count of evaluation jobs that actually ran
 
@@ -125,6 +126,23 @@ def evaluate_groups(
     return pd.DataFrame(rows)
 
 
+def fidelity_of(groups: Groups, data: TaskData, seed: int, run_id: str | None = None, log: Callable[[str], None] = print) -> dict[Group, Fidelity]:
+    """The label fidelity of every group of generated sets (``evaluation.fidelity``), logged as
+    MLflow metrics ``label_fidelity.<method>.dpc<D>`` beside the reference classifier's
+    validation accuracy; empty (and nothing fitted) when every group holds real rows."""
+    sets = {g: [s.data for s in loaded] for g, loaded in groups.items()}
+    if not group_fidelity(lambda d: np.zeros(len(d), np.int64), sets, data.task.num_labels):
+        return {}
+    predict = reference_classifier(data.train, seed)
+    found = group_fidelity(predict, sets, data.task.num_labels)
+    ceiling = reference_accuracy(predict, data.validation)
+    log(f"[label fidelity] reference classifier (TF-IDF + logistic regression on {len(data.train)} train rows): {100 * ceiling:.1f}% on validation")
+    for (method, dpc), fid in sorted(found.items()):
+        log(f"[label fidelity] {method} DPC {dpc}: {fid.text()}% of {fid.rows} rows")
+    log_metrics(run_id, {"label_fidelity.reference_accuracy": ceiling, **{f"label_fidelity.{m}.dpc{d}": f.overall for (m, d), f in found.items()}})
+    return found
+
+
 def scores_to_cards(groups: Groups, runs: pd.DataFrame, task: TaskSpec, root: Path) -> None:
     """Put each set's mean score per learner into its dataset card, for the sets under ``root``
     (a run's ``distilled/``: other people's folders are not written to)."""
@@ -171,7 +189,7 @@ def evaluate_and_report(
     with timer.span(timer_name, count=False):
         groups = load_groups(sets_of(ctx, dpcs), ctx.data.task)
         runs = evaluate_groups(ctx.cfg, ctx.data, groups, results / "runs.csv", learners, seeds, ctx.resume, ctx.run_id, timer)
-    table = results_table(runs, references)
+    table = results_table(runs, references, fidelity_of(groups, ctx.data, ctx.cfg.seed, ctx.run_id))
     paths = write_results(runs, table, results, ctx.data.task.score_name)
     scores_to_cards(groups, runs, ctx.data.task, ctx.layout.distilled)
     return Report(runs, table, to_markdown(table, ctx.data.task.score_name), paths)
@@ -271,7 +289,7 @@ def evaluate_command(
     with mlflow_run(cfg, "evaluate", layout.mlflow_runs, resume) as run_id:
         with timer.span("evaluate", count=False):
             runs = evaluate_groups(cfg, data, groups, layout.runs_csv, learners, None, resume, run_id, timer)
-        table = results_table(runs, references)
+        table = results_table(runs, references, fidelity_of(groups, data, cfg.seed, run_id))
         log_artifacts(run_id, write_results(runs, table, layout.results, data.task.score_name), "results")
     scores_to_cards(groups, runs, data.task, layout.distilled)
     return to_markdown(table, data.task.score_name)

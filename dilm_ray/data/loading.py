@@ -150,13 +150,21 @@ def subsample(data: TextSet, n: int | None, seed: int, balanced: bool, num_label
     """Deterministic subset of ``n`` rows: the same (data, n, seed) always gives the same rows."""
     if n is None or n >= len(data):
         return data
+    return data.select(subsample_indices(data, n, seed, balanced, num_labels))
+
+
+def subsample_indices(data: TextSet, n: int | None, seed: int, balanced: bool, num_labels: int) -> np.ndarray:
+    """The sorted row indices (int64) ``subsample`` keeps: all rows when ``n`` is None or too large;
+    ``n // num_labels`` per label when ``balanced``."""
+    if n is None or n >= len(data):
+        return np.arange(len(data))
     rng = np.random.default_rng(seed)
     if not balanced:
-        return data.select(np.sort(rng.choice(len(data), size=n, replace=False)))
+        return np.sort(rng.choice(len(data), size=n, replace=False))
     per_label = [data.indices_of(y) for y in range(num_labels)]
     quota = n // num_labels
     chosen = [rng.choice(idx, size=min(quota, len(idx)), replace=False) for idx in per_label]
-    return data.select(np.sort(np.concatenate(chosen)))
+    return np.sort(np.concatenate(chosen))
 
 
 @dataclass(frozen=True)
@@ -171,12 +179,24 @@ class TaskData:
 def load_data(cfg: Config, need_validation: bool = True) -> TaskData:
     """The config's task, train rows (``data.max_train_samples``, seeded) and validation rows.
 
-    Raises ``UserError`` for a missing folder, file, column, empty text or out-of-range label.
+    With ``data.dev_samples`` the rows reported on are a development split instead: that many
+    train-split rows outside the train rows (drawn with ``data.seed + 1``), so settings can be
+    chosen without looking at the validation split; the train rows are the same either way.
+
+    Raises ``UserError`` for a missing folder, file, column, empty text or out-of-range label,
+    and when fewer than ``data.dev_samples`` train-split rows are left outside the train rows.
     """
     task = resolve_task(cfg.data)
     d = cfg.data
-    train = subsample(load_split(d, task, d.train_split), d.max_train_samples, d.seed, d.balanced, task.num_labels)
-    if need_validation:
+    full = load_split(d, task, d.train_split)
+    kept = subsample_indices(full, d.max_train_samples, d.seed, d.balanced, task.num_labels)
+    train = full.select(kept) if len(kept) < len(full) else full
+    if need_validation and d.dev_samples:
+        rest = np.setdiff1d(np.arange(len(full)), kept)
+        if len(rest) < d.dev_samples:
+            raise UserError(f"data.dev_samples={d.dev_samples}: only {len(rest)} train rows are left outside data.max_train_samples={d.max_train_samples}")
+        val = full.select(np.sort(np.random.default_rng(d.seed + 1).choice(rest, size=d.dev_samples, replace=False)))
+    elif need_validation:
         val = load_split(d, task, task.validation_split)
         val = subsample(val, d.max_validation_samples, d.seed, False, task.num_labels)
     else:

@@ -37,7 +37,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     cfg = Config.model_validate(loop_config["cfg"])
     stage = loop_config["stage"]
-    runtime = Runtime.from_environment()
+    runtime = Runtime.from_environment(cfg.precision)
     setup_torch(cfg, runtime.rank)
     data = load_data(cfg, need_validation=False)
     local = Path(tempfile.mkdtemp(prefix=f"dilm-{stage}-"))
@@ -82,7 +82,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
         learner = build_learner(cfg.learner, data.task.num_labels, cfg.seed + runtime.rank)
         learner.model.to(runtime.device)
-        embeddings = train_embeddings(RunLayout(cfg.run_dir).cache, data.train, learner)
+        embeddings = train_embeddings(RunLayout(cfg.run_dir).cache, data.train, learner, cfg.precision)
         distill(gen, learner, data.train, cfg.distill, cfg.generator, cfg.seed, runtime, logger, state, on_step, embeddings)
     shutil.rmtree(local, ignore_errors=True)
 

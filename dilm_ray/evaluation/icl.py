@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from dilm_ray.data.dataset import TextSet
 from dilm_ray.data.tasks import TaskSpec
+from dilm_ray.precision import prepare
 
 PREFIX = "icl:"
 
@@ -56,8 +57,10 @@ def demonstrations(data: TextSet, shots_per_class: int | None, seed: int) -> Tex
     return data.select(rng.permutation(idx))
 
 
-def build_icl(name: str):
-    """(causal LM in eval mode, tokenizer) for ``icl:<model>`` (hub id, folder or embedded name)."""
+def build_icl(name: str, precision: str = "fp32"):
+    """(causal LM in eval mode, tokenizer) for ``icl:<model>`` (hub id, folder or embedded name).
+
+    The LM is only read: frozen, and under ``bf16`` held in bfloat16 (run it under autocast)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dilm_ray.models.registry import load_with_hint
@@ -66,6 +69,8 @@ def build_icl(name: str):
     tokenizer = load_with_hint("learner", model_name, lambda p: AutoTokenizer.from_pretrained(p))
     model = load_with_hint("learner", model_name, lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32))
     model.eval()
+    model.requires_grad_(False)
+    prepare(model, precision, next(model.parameters()).device)
     return model, tokenizer
 
 

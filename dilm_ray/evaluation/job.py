@@ -72,7 +72,7 @@ def plan_for_learners(
 
 def eval_key(cfg: Config, task: TaskSpec, validation: TextSet, learner: str) -> str:
     """What a job's score depends on besides its set and seed: the learner name and config,
-    the training protocol (``evaluate`` minus the keys that only choose which jobs run), the
+    the precision of its forward passes (neural and icl: learners), the training protocol (``evaluate`` minus the keys that only choose which jobs run), the
     task's metric and the validation rows themselves (not the path they came from).
 
     16 hex characters (``content_key``)."""
@@ -83,8 +83,12 @@ def eval_key(cfg: Config, task: TaskSpec, validation: TextSet, learner: str) -> 
         protocol = {k: v for k, v in protocol.items() if not k.startswith("icl_")}
     from dilm_ray.models.learner import PAIR_ENCODING_VERSION
 
+    from dilm_ray.evaluation.learners import TFIDF
+    from dilm_ray.precision import key_parts
+
     pairs = [PAIR_ENCODING_VERSION] if task.is_pair else []  # how the learner reads a pair (single texts: unchanged)
-    return content_key(learner, cfg.learner.model_dump(mode="json"), protocol, task.metric, task.label_names, validation.digest(), *pairs)
+    precision = [] if learner == TFIDF else key_parts(cfg.precision)  # TF-IDF has no forward pass to cast
+    return content_key(learner, cfg.learner.model_dump(mode="json"), protocol, task.metric, task.label_names, validation.digest(), *pairs, *precision)
 
 
 def run_job(job: EvalJob, train: TextSet, set_digest: str, validation: TextSet, cfg: Config, task: TaskSpec, key: str, cache: dict | None = None) -> dict:

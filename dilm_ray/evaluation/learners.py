@@ -28,6 +28,7 @@ from dilm_ray.evaluation.icl import build_icl, demonstrations, icl_predict, is_i
 from dilm_ray.evaluation.train_eval import predict, scores, train_learner
 from dilm_ray.models.learner import DECODER_TYPES, Classifier, Learner, build_learner
 from dilm_ray.models.registry import load_with_hint
+from dilm_ray.precision import autocast, prepare
 
 SCRATCH = "scratch-transformer"
 TFIDF = "tfidf-logreg"
@@ -193,17 +194,19 @@ def evaluate_learner(
         start = time.perf_counter()
         preds = tfidf_predict(train, validation, seed)
     elif is_icl(name):
-        model, tokenizer = cache[name] if cache is not None and name in cache else build_icl(name)
+        model, tokenizer = cache[name] if cache is not None and name in cache else build_icl(name, cfg.precision)
         if cache is not None:
             cache[name] = (model, tokenizer)
         start = time.perf_counter()
         demos = demonstrations(train, cfg.evaluate.icl_shots_per_class, seed)
-        preds = icl_predict(model, tokenizer, task, demos, validation, cfg.evaluate.icl_batch_size)
+        with autocast(cfg.precision, next(model.parameters()).device):
+            preds = icl_predict(model, tokenizer, task, demos, validation, cfg.evaluate.icl_batch_size)
     else:
         learner = _cached(name, cfg, task, seed, cache)
+        prepare(learner.model.body, cfg.precision, learner.device)
         start = time.perf_counter()
-        train_learner(learner, train, cfg.evaluate, seed)
-        preds = predict(learner, validation, cfg.evaluate.eval_batch_size)
+        train_learner(learner, train, cfg.evaluate, seed, cfg.precision)
+        preds = predict(learner, validation, cfg.evaluate.eval_batch_size, cfg.precision)
     out = scores(preds, validation.labels, task.metric)
     out["seconds"] = time.perf_counter() - start
     return out

@@ -9,16 +9,18 @@ import torch.nn.functional as F
 from dilm_ray.config import EvaluateConfig
 from dilm_ray.data.dataset import TextSet
 from dilm_ray.models.learner import Learner
+from dilm_ray.precision import autocast
 from dilm_ray.train.optim import adamw, schedule
 
 
-def train_learner(learner: Learner, train: TextSet, cfg: EvaluateConfig, seed: int) -> None:
+def train_learner(learner: Learner, train: TextSet, cfg: EvaluateConfig, seed: int, precision: str = "fp32") -> None:
     """Paper protocol: AdamW, warmup then cosine, ``cfg.steps`` steps of min(batch_size, |D|).
 
     The decay is ``cfg.scheduler`` (cosine by default). Resets the learner to ``seed`` and seeds
     the global torch RNG (dropout); batches walk through reshuffled passes over ``train``; the
-    cross-entropy gradient is clipped to ``cfg.grad_clip``. Trains in place, returns None.
-    DiLM Sec. 4.
+    cross-entropy gradient is clipped to ``cfg.grad_clip``. Forward passes run under
+    ``precision`` (bf16 autocast; fp32 cross-entropy, master weights and AdamW state). Trains in
+    place, returns None. DiLM Sec. 4.
     """
     learner.reset(seed)
     torch.manual_seed(seed)  # dropout masks
@@ -35,7 +37,8 @@ def train_learner(learner: Learner, train: TextSet, cfg: EvaluateConfig, seed: i
             order = np.concatenate([order, rng.permutation(len(train))])
         idx, order = order[:size], order[size:]
         batch = train.select(idx)
-        logits = model(**learner.batch(batch))
+        with autocast(precision, learner.device):
+            logits = model(**learner.batch(batch)).float()
         loss = F.cross_entropy(logits, torch.as_tensor(batch.labels, device=logits.device))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -45,10 +48,11 @@ def train_learner(learner: Learner, train: TextSet, cfg: EvaluateConfig, seed: i
 
 
 @torch.no_grad()
-def predict(learner: Learner, data: TextSet, batch_size: int) -> np.ndarray:
+def predict(learner: Learner, data: TextSet, batch_size: int, precision: str = "fp32") -> np.ndarray:
     """Predicted labels; batches hold texts of similar length so little compute goes to padding.
 
-    Int64 [len(data)] in ``data``'s order (argmax of the logits). Leaves the model in eval mode.
+    Int64 [len(data)] in ``data``'s order (argmax of the logits, forward passes under
+    ``precision``). Leaves the model in eval mode.
     """
     model = learner.model
     model.eval()
@@ -56,7 +60,8 @@ def predict(learner: Learner, data: TextSet, batch_size: int) -> np.ndarray:
     preds = np.empty(len(data), dtype=np.int64)
     for start in range(0, len(data), batch_size):
         idx = order[start : start + batch_size]
-        preds[idx] = model(**learner.batch(data.select(idx))).argmax(-1).cpu().numpy()
+        with autocast(precision, learner.device):
+            preds[idx] = model(**learner.batch(data.select(idx))).float().argmax(-1).cpu().numpy()
     return preds
 
 

@@ -45,6 +45,7 @@ class Generator:
     eos_id: int
     pad_id: int
     prefix: tuple[int, ...] = ()  # the attention-sink token before the label token (see build_generator)
+    label_rows: nn.Parameter | None = None  # set by ``train_label_rows``: the label-token rows being trained
 
     # ---- encoding -------------------------------------------------------------------
     def prompt(self, label: int) -> list[int]:
@@ -85,12 +86,13 @@ class Generator:
         """Per-sample mean token NLL of the text after the prompt (padding masked), differentiable
         w.r.t. the generator.
 
-        Float32 [n] in nats/token on the generator's device; the targets are the text tokens,
-        ``<sep>`` and EOS (not the label token). The LM loss of DiLM Sec. 3.1 and the input of
-        the sample weights softmax(-loss / T) (Sec. 3.2)."""
+        Float32 [n] in nats/token on the generator's device, also under bf16 autocast (the
+        logits are cast up before the log-softmax); the targets are the text tokens, ``<sep>``
+        and EOS (not the label token). The LM loss of DiLM Sec. 3.1 and the input of the sample
+        weights softmax(-loss / T) (Sec. 3.2)."""
         batch = {k: v.to(self.device) for k, v in self.batch(data).items()}
-        logits = self.model(**batch).logits
-        return sequence_nll(logits, batch["input_ids"], batch["attention_mask"], skip=len(self.prefix))
+        hidden = self.model.base_model(**batch).last_hidden_state
+        return sequence_nll(hidden, self.model.get_output_embeddings(), batch["input_ids"], batch["attention_mask"], skip=len(self.prefix))
 
     @property
     def device(self) -> torch.device:
@@ -184,23 +186,68 @@ class Generator:
             dropped += d
         return TextSet.concat(parts), dropped
 
+    # ---- training the label tokens ------------------------------------------------------
+    def train_label_rows(self) -> nn.Parameter:
+        """Train the ``<bos_label>`` rows as their own fp32 parameter [num_labels, hidden]; returns it.
+
+        A forward hook on the input embedding puts the rows in place of the frozen table's at
+        the label tokens (gradients reach them through the layers), and first copies them into
+        the table, so the tied output head and ``save`` see the current rows. Why not a gradient
+        mask on the whole table: that computes the [vocab, hidden] weight gradient and steps
+        AdamW over all of it to move num_labels rows (SmolLM2: 28M entries, ~0.4 s of a 2-3 s
+        stage-1 step here). The output side's gradient of the rows (label tokens are never
+        targets, only in the softmax normaliser) is not taken. Calling it again returns the
+        same parameter. The label tokens of DiLM Sec. 3.1.
+        """
+        if self.label_rows is not None:
+            return self.label_rows
+        embedding = self.model.get_input_embeddings()
+        ids = torch.tensor(self.bos_ids, device=embedding.weight.device)
+        rows = nn.Parameter(embedding.weight.detach()[ids].float().clone())
+
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                module.weight[ids] = rows.detach().to(module.weight.dtype)
+            hits = args[0].unsqueeze(-1) == ids  # [B, T, num_labels]
+            if not bool(hits.any()):
+                return out
+            return torch.where(hits.any(-1, keepdim=True), rows[hits.long().argmax(-1)].to(out.dtype), out)
+
+        embedding.register_forward_hook(hook)
+        self.label_rows = rows
+        return rows
+
     def save(self, directory) -> None:
-        """Write the LM (safetensors) and the tokenizer, added tokens included, to ``directory``."""
+        """Write the LM (safetensors) and the tokenizer, added tokens included, to ``directory``.
+
+        Trained label rows (``train_label_rows``) are copied into the embedding first; a table
+        held in bf16 (``precision.hold_frozen``) is saved as it is held."""
+        if self.label_rows is not None:
+            embedding = self.model.get_input_embeddings()
+            with torch.no_grad():
+                embedding.weight[self.bos_ids] = self.label_rows.detach().to(embedding.weight.dtype)
         self.model.save_pretrained(str(directory), safe_serialization=True)
         self.tokenizer.save_pretrained(str(directory))
 
 
-def sequence_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, skip: int = 0) -> torch.Tensor:
-    """Mean next-token NLL per sequence over non-padding targets after the first ``skip``: shape [batch].
+def sequence_nll(hidden: torch.Tensor, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, skip: int = 0) -> torch.Tensor:
+    """Mean next-token NLL per sequence over non-padding targets after the first ``skip``: float32 [B].
 
-    ``logits``: float [B, T, V]; ``input_ids``: int64 [B, T]; ``attention_mask``: 0/1 [B, T].
-    Returns the logits' dtype, in nats/token; a row with no target left gives 0.
+    ``hidden``: the LM body's last hidden states [B, T, H]; ``head``: the output layer (logits =
+    ``head(hidden)``, as in GPT-2 and Llama-family LMs); ``input_ids``: int64 [B, T];
+    ``attention_mask``: 0/1 [B, T]. In nats/token; a row with no target left gives 0.
+
+    The head and the log-softmax run only at the target positions, in fp32: short texts padded
+    to a batch's longest (SST-2: ~60% padding at 40 tokens) would otherwise pay the
+    vocabulary-wide product and softmax for every pad.
     """
-    targets = input_ids[:, 1:]
-    mask = attention_mask[:, 1:].to(logits.dtype, copy=True)  # copy: zeroed below
-    mask[:, :skip] = 0.0
-    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
-    return (nll * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+    mask = attention_mask[:, 1:].bool().clone()
+    mask[:, :skip] = False
+    rows, cols = mask.nonzero(as_tuple=True)
+    logits = head(hidden[:, :-1][rows, cols]).float()  # [N, V], N = target tokens
+    nll = F.cross_entropy(logits, input_ids[:, 1:][rows, cols], reduction="none")
+    sums = torch.zeros(hidden.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
+    return sums / mask.sum(1).clamp_min(1).to(nll.dtype)
 
 
 def top_k_top_p_probs(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,8 +324,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def set_trainable(gen: Generator, top_layers: int | None, label_tokens: bool) -> list[nn.Parameter]:
     """Freeze all but the top ``top_layers`` blocks and the final norm; optionally train the label-token rows.
 
-    The label BOS rows of the (possibly tied) embedding are trained through a gradient mask,
-    so the rest of the vocabulary stays as pre-trained.
+    The label BOS rows of the (possibly tied) embedding train as their own parameter
+    (``Generator.train_label_rows``), so the rest of the vocabulary stays as pre-trained.
 
     ``top_layers=None`` trains every parameter (``label_tokens`` then has no effect). Returns the
     parameters to optimise. Stage 1 (Sec. 3.1) trains the label tokens; stage 2 (Sec. 3.2) not.
@@ -299,13 +346,9 @@ def set_trainable(gen: Generator, top_layers: int | None, label_tokens: bool) ->
     for p in trainable:
         p.requires_grad_(True)
     if label_tokens:
-        emb = model.get_input_embeddings().weight
-        rows = torch.zeros(emb.shape[0], 1, dtype=emb.dtype, device=emb.device)
-        rows[gen.bos_ids] = 1.0
-        emb.requires_grad_(True)
-        emb.register_hook(lambda g: g * rows)
-        emb._dilm_no_decay = True  # weight decay would shrink the frozen rows
-        trainable.append(emb)
+        rows = gen.train_label_rows()
+        rows._dilm_no_decay = True  # embeddings take no weight decay
+        trainable.append(rows)
     return trainable
 
 

@@ -85,6 +85,25 @@ def log_artifacts(run_id: str | None, paths: list[Path], artifact_path: str | No
             client.log_artifact(run_id, str(p), artifact_path)
 
 
+def log_metrics(run_id: str | None, metrics: dict[str, float]) -> None:
+    """Log ``metrics`` (finite values only) to ``run_id`` at step 0; no-op without a run."""
+    if run_id is None:
+        return
+    import mlflow
+
+    finite = {k: float(v) for k, v in metrics.items() if v == v}
+    if finite:
+        mlflow.MlflowClient().log_batch(run_id, metrics=[_metric(k, v) for k, v in finite.items()])
+
+
+def _metric(key: str, value: float):
+    import time
+
+    from mlflow.entities import Metric
+
+    return Metric(key, value, int(time.time() * 1000), 0)
+
+
 EVAL_PARAMS = ("learner", "family", "method", "dpc", "set_index", "seed")
 EVAL_METRICS = ("accuracy", "f1", "score", "seconds")
 

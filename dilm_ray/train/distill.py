@@ -16,6 +16,7 @@ from dilm_ray.config import DistillConfig, GeneratorConfig
 from dilm_ray.data.dataset import TextSet
 from dilm_ray.models.generator import Generator, set_trainable
 from dilm_ray.models.learner import Learner
+from dilm_ray.precision import prepare
 from dilm_ray.tracking.loggers import MetricLogger, NullLogger
 from dilm_ray.train.gradients import learner_grads
 from dilm_ray.train.optim import adamw, schedule
@@ -103,6 +104,8 @@ def distill(
     num_labels = gen.task.num_labels
     seed = seed + 1000 * runtime.rank
     params = [p for p in set_trainable(gen, gen_cfg.train_top_layers, label_tokens=False) if p.requires_grad]
+    prepare(gen.model, runtime.precision, runtime.device)
+    prepare(learner.model.body, runtime.precision, runtime.device)
     optimizer = adamw(params, cfg.lr, cfg.weight_decay)
     scheduler = schedule(optimizer, "constant", cfg.steps, 0.0)
     state = state or TrainState(step=0, rng=np.random.default_rng(seed).bit_generator.state)
@@ -128,7 +131,8 @@ def distill(
         seconds = state.extra.setdefault("seconds", {"seconds_generate": 0.0, "seconds_match": 0.0, "seconds_inner_loop": 0.0})
         start = time.perf_counter()
         if pool is None or (ol - first) % cfg.generate_interval == 0:
-            pool, syn_batches, dropped = _synthetic_pool(gen, learner, cfg, gen_cfg, torch_rng, seed + ol)
+            with runtime.autocast():
+                pool, syn_batches, dropped = _synthetic_pool(gen, learner, cfg, gen_cfg, torch_rng, seed + ol)
             history.append({"dropped_samples": float(dropped)})
         seconds["seconds_generate"] += time.perf_counter() - start
         learner.reset(seed + ol)
@@ -138,7 +142,7 @@ def distill(
             start = time.perf_counter()
             real = [train.select(np.concatenate([real_batches[y].next() for _ in range(cfg.gm_real_accum)])) for y in range(num_labels)]
             syn = TextSet.concat([pool.select(syn_batches[y].pop()) for y in range(num_labels)])
-            metrics = _matching_step(gen, learner, real, syn, cfg, train, lm_batches)
+            metrics = _matching_step(gen, learner, real, syn, cfg, train, lm_batches, runtime)
             runtime.average_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
@@ -148,7 +152,7 @@ def distill(
             seconds["seconds_match"] += time.perf_counter() - start
             if inner + 1 < cfg.inner_loop:
                 start = time.perf_counter()
-                _train_learner(learner, learner_opt, train, learner_batches, cfg.learner_steps)
+                _train_learner(learner, learner_opt, train, learner_batches, cfg.learner_steps, runtime)
                 seconds["seconds_inner_loop"] += time.perf_counter() - start
         state.step = (ol + 1) * cfg.inner_loop
         state.rng = rng.bit_generator.state
@@ -179,34 +183,45 @@ def _synthetic_pool(gen, learner, cfg: DistillConfig, gen_cfg: GeneratorConfig, 
     return pool, batches, dropped
 
 
-def _matching_step(gen: Generator, learner: Learner, real: list[TextSet], syn: TextSet, cfg: DistillConfig, train: TextSet, lm_batches: _Cycle) -> dict[str, float]:
-    """Backpropagate (1 - lm_lambda) * matching loss (+ lm_lambda * LM loss) into the generator."""
+def _matching_step(
+    gen: Generator, learner: Learner, real: list[TextSet], syn: TextSet, cfg: DistillConfig, train: TextSet, lm_batches: _Cycle, runtime: Runtime = Runtime()
+) -> dict[str, float]:
+    """Backpropagate (1 - lm_lambda) * matching loss (+ lm_lambda * LM loss) into the generator.
+
+    Forward passes (learner features, generator LM losses) run under ``runtime.autocast()``;
+    per-sample gradients, sample weights and the matching loss are computed in fp32 outside it.
+    """
     num_labels = len(real)
-    g_real = torch.stack([weighted_grad(learner_grads(learner, r, cfg.grad)) for r in real])
-    gen_losses = gen.lm_losses(syn)
+    with runtime.autocast():
+        per_real = [learner_grads(learner, r, cfg.grad) for r in real]
+        gen_losses = gen.lm_losses(syn)
+        rows = [torch.as_tensor(syn.indices_of(label)) for label in range(num_labels)]
+        per_syn = [learner_grads(learner, syn.select(r.numpy()), cfg.grad) for r in rows]
+        lm = gen.lm_losses(train.select(lm_batches.next())).mean() if cfg.lm_lambda > 0 else None
+    g_real = torch.stack([weighted_grad(g) for g in per_real])
     g_syn = []
-    for label in range(num_labels):
-        rows = torch.as_tensor(syn.indices_of(label))
-        weights = sample_weights(gen_losses[rows], cfg.temperature)
-        g_syn.append(weighted_grad(learner_grads(learner, syn.select(rows.numpy()), cfg.grad).to(weights.device), weights))
+    for r, grads in zip(rows, per_syn):
+        weights = sample_weights(gen_losses[r], cfg.temperature)
+        g_syn.append(weighted_grad(grads.to(weights.device), weights))
     loss, sims = match_loss(g_real.to(gen_losses.device), torch.stack(g_syn))
     total = (1.0 - cfg.lm_lambda) * loss
     metrics = {"match_loss": loss.item(), "grad_sim": sims.mean().item(), "syn_lm_loss": gen_losses.mean().item()}
-    if cfg.lm_lambda > 0:
-        lm = gen.lm_losses(train.select(lm_batches.next())).mean()
+    if lm is not None:
         total = total + cfg.lm_lambda * lm
         metrics["lm_loss"] = lm.item()
     total.backward()
     return metrics
 
 
-def _train_learner(learner: Learner, optimizer, train: TextSet, batches: _Cycle, steps: int) -> None:
-    """The inner loop: move the learner along real-data training between matching steps."""
+def _train_learner(learner: Learner, optimizer, train: TextSet, batches: _Cycle, steps: int, runtime: Runtime = Runtime()) -> None:
+    """The inner loop: move the learner along real-data training between matching steps
+    (forward under ``runtime.autocast()``, fp32 cross-entropy and AdamW)."""
     model = learner.model
     model.train()
     for _ in range(steps):
         batch = train.select(batches.next())
-        logits = model(**learner.batch(batch))
+        with runtime.autocast():
+            logits = model(**learner.batch(batch)).float()
         loss = F.cross_entropy(logits, torch.as_tensor(batch.labels, device=logits.device))
         loss.backward()
         optimizer.step()

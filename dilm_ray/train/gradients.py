@@ -17,7 +17,8 @@ from dilm_ray.models.learner import Learner
 
 
 def head_grads(learner: Learner, data: TextSet) -> torch.Tensor:
-    """Per-sample head gradients: float32 [n, C*H + C] on the learner's device, no graph.
+    """Per-sample head gradients: float32 [n, C*H + C] on the learner's device, no graph (also
+    under bf16 autocast: the features are cast up first).
 
     See ``per_sample_head_grads``; restores the learner's train/eval mode.
     """
@@ -25,9 +26,10 @@ def head_grads(learner: Learner, data: TextSet) -> torch.Tensor:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        features = model.features(**learner.batch(data))
+        features = model.features(**learner.batch(data)).float()  # bf16 under autocast: the head gradients stay fp32
         labels = torch.as_tensor(data.labels, device=features.device)
-        grads = per_sample_head_grads(features, labels, model.head.weight, model.head.bias)
+        with torch.autocast(features.device.type, enabled=False):  # the caller may be under bf16 autocast
+            grads = per_sample_head_grads(features, labels, model.head.weight, model.head.bias)
     model.train(was_training)
     return grads
 
@@ -47,7 +49,7 @@ def full_grads(learner: Learner, data: TextSet) -> torch.Tensor:
     rows = []
     for i in range(len(data)):
         logits = model(**{k: v[i : i + 1] for k, v in batch.items()})
-        grads = torch.autograd.grad(F.cross_entropy(logits, labels[i : i + 1]), params, allow_unused=True)
+        grads = torch.autograd.grad(F.cross_entropy(logits.float(), labels[i : i + 1]), params, allow_unused=True)
         rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)]))
     model.train(was_training)
     return torch.stack(rows).detach()

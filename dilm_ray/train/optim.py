@@ -28,7 +28,7 @@ def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> t
 
 
 def _is_embedding(p: torch.nn.Parameter) -> bool:
-    return getattr(p, "_dilm_no_decay", False)  # set on embeddings whose rows are gradient-masked
+    return getattr(p, "_dilm_no_decay", False)  # set on embedding rows (the generator's label tokens)
 
 
 def schedule(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_ratio: float) -> LambdaLR:

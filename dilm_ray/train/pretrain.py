@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from dilm_ray.config import GeneratorConfig, PretrainConfig
 from dilm_ray.data.dataset import TextSet
 from dilm_ray.models.generator import Generator, set_trainable
+from dilm_ray.precision import prepare
 from dilm_ray.tracking.loggers import MetricLogger, NullLogger
 from dilm_ray.train.optim import adamw, schedule
 from dilm_ray.train.runtime import Runtime
@@ -39,6 +40,7 @@ def pretrain(
     ``step == cfg.steps``. DiLM Sec. 3.1.
     """
     params = set_trainable(gen, gen_cfg.train_top_layers, label_tokens=True)
+    prepare(gen.model, runtime.precision, runtime.device)
     optimizer = adamw(params, cfg.lr, cfg.weight_decay)
     scheduler = schedule(optimizer, cfg.scheduler, cfg.steps, cfg.warmup_ratio)
     state = state or TrainState(step=0, rng=np.random.default_rng(seed + runtime.rank).bit_generator.state)
@@ -52,7 +54,8 @@ def pretrain(
     window: list[float] = []
     for step in bar:
         batch = train.select(rng.choice(shard, size=min(per_worker, len(shard)), replace=False))
-        loss = gen.lm_losses(batch).mean()
+        with runtime.autocast():
+            loss = gen.lm_losses(batch).mean()
         loss.backward()
         runtime.average_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

@@ -12,6 +12,8 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from dilm_ray import precision as _precision
+
 
 def default_device() -> torch.device:
     """CUDA when available, else CPU."""
@@ -20,7 +22,8 @@ def default_device() -> torch.device:
 
 @dataclass(frozen=True)
 class Runtime:
-    """This worker's ``rank`` in [0, ``world_size``) and ``device``; collectives are no-ops when alone.
+    """This worker's ``rank`` in [0, ``world_size``), ``device`` and ``precision`` (``bf16`` or
+    ``fp32``, see ``dilm_ray.precision``); collectives are no-ops when alone.
 
     With ``world_size > 1`` every worker must make the same collective calls in the same order.
     """
@@ -28,6 +31,11 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "fp32"
+
+    def autocast(self):
+        """The context forward passes run in: bf16 autocast on this device, or a no-op for fp32."""
+        return _precision.autocast(self.precision, self.device)
 
     @property
     def is_main(self) -> bool:
@@ -35,9 +43,9 @@ class Runtime:
         return self.rank == 0
 
     @classmethod
-    def from_environment(cls) -> Runtime:
+    def from_environment(cls, precision: str = "fp32") -> Runtime:
         """From torch.distributed when initialised (device from Ray Train if inside a worker), else
-        a single process on ``default_device()``."""
+        a single process on ``default_device()``; ``precision`` as given."""
         if dist.is_available() and dist.is_initialized():
             try:
                 import ray.train.torch
@@ -45,8 +53,8 @@ class Runtime:
                 device = ray.train.torch.get_device()
             except Exception:  # outside a Ray Train worker
                 device = default_device()
-            return cls(dist.get_rank(), dist.get_world_size(), device)
-        return cls(device=default_device())
+            return cls(dist.get_rank(), dist.get_world_size(), device, precision)
+        return cls(device=default_device(), precision=precision)
 
     def average_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Replace each ``p.grad`` in place by its mean over workers (all-reduce); None grads are skipped."""

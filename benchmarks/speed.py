@@ -1,0 +1,239 @@
+"""fp32 against bf16 on each hot path, side by side, on this machine. Prints measured numbers.
+
+Hot paths, at the shapes of ``CONFIG`` (default: the SST-2 bench profile) with the packaged models
+and real rows:
+
+- ``stage-1 step``: one ``pretrain`` step (generator.train_top_layers trained, label tokens too),
+  a batch of pretrain.batch_size rows cut to generator.max_length tokens;
+- ``stage-2 step``: one matching step (``_matching_step``: learner head gradients of the real and
+  synthetic batches, generator LM losses, backward into the generator) and the learner's inner
+  loop of distill.learner_steps;
+- ``sampling``: ``--sample-rows`` samples of one label (generator.generate_batch_size a batch),
+  ours (finished rows leave the batch) against ``transformers``' ``generate`` with the same
+  top-k / top-p / temperature;
+- ``evaluation run``: ``train_learner`` (evaluate.steps on a DPC-10 random set) and ``predict``
+  on the validation split.
+
+Each path is timed over ``--repeats`` calls after one warm-up call. FLOPs come from
+``torch.utils.flop_counter.FlopCounterMode`` (matrix products and attention, forward and
+backward) of one call; the peak of each precision is measured here with a ``--probe`` cubed
+matrix product. Nothing is asserted: read the table.
+
+    python benchmarks/speed.py                       # bench shapes, both precisions
+    python benchmarks/speed.py configs/sst2-cpu.yaml --path stage1 --repeats 5
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import click
+import numpy as np
+import torch
+
+from dilm_ray.config import Config, load_config
+from dilm_ray.data import TextSet
+
+PATHS = ("stage1", "stage2", "sampling", "evaluation")
+
+
+def matmul_peak(n: int, dtype: torch.dtype, seconds: float = 3.0) -> float:
+    """FLOP/s of an n x n x n matrix product in ``dtype`` (best of repeated calls for ~``seconds``)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """(median seconds per call, FLOPs of one call) after one warm-up call."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fn()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), float(counter.get_total_flops())
+
+
+def _rows(data: TextSet, n: int, seed: int) -> TextSet:
+    return data.select(np.random.default_rng(seed).choice(len(data), size=n, replace=False))
+
+
+def stage1(cfg: Config, data, precision: str, repeats: int) -> dict:
+    """Steps of one ``pretrain`` call, timed between its step callbacks (the first step, which
+    also builds the optimizer, is the warm-up); FLOPs of a separate one-step call."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dilm_ray.models.generator import build_generator
+    from dilm_ray.train.pretrain import pretrain
+    from dilm_ray.train.runtime import Runtime
+
+    gen = build_generator(cfg.generator, data.task)
+    runtime = Runtime(precision=precision)
+    train = _rows(data.train, (repeats + 2) * cfg.pretrain.batch_size, cfg.seed)
+    tokens = cfg.pretrain.batch_size * float(gen.batch(train.select(range(cfg.pretrain.batch_size)))["attention_mask"].sum(1).float().mean())
+    counter = FlopCounterMode(display=False)
+    with counter:
+        pretrain(gen, train, cfg.pretrain.model_copy(update={"steps": 1, "log_every": 1}), cfg.generator, cfg.seed, runtime)
+    stamps: list[float] = []
+    steps_cfg = cfg.pretrain.model_copy(update={"steps": repeats + 1, "log_every": repeats + 1})
+    pretrain(gen, train, steps_cfg, cfg.generator, cfg.seed, runtime, on_step=lambda st, m: stamps.append(time.perf_counter()))
+    return {"seconds": float(np.median(np.diff(stamps))), "flops": float(counter.get_total_flops()), "tokens": tokens}
+
+
+def stage2(cfg: Config, data, precision: str, repeats: int) -> dict:
+    from dilm_ray.models.generator import build_generator, set_trainable
+    from dilm_ray.models.learner import build_learner
+    from dilm_ray.precision import prepare
+    from dilm_ray.train.distill import _Cycle, _matching_step, _train_learner
+    from dilm_ray.train.runtime import Runtime
+
+    gen = build_generator(cfg.generator, data.task)
+    learner = build_learner(cfg.learner, data.task.num_labels, cfg.seed)
+    runtime = Runtime(precision=precision)
+    params = [p for p in set_trainable(gen, cfg.generator.train_top_layers, label_tokens=False) if p.requires_grad]
+    prepare(gen.model, precision)
+    prepare(learner.model.body, precision)
+    d, rng = cfg.distill, np.random.default_rng(cfg.seed)
+    labels = range(data.task.num_labels)
+    real = [data.train.select(rng.choice(data.train.indices_of(y), d.gm_real_dpc * d.gm_real_accum, replace=False)) for y in labels]
+    # the synthetic batch: real rows stand in for generated ones (same lengths, no sampling cost here)
+    syn = TextSet.concat([data.train.select(rng.choice(data.train.indices_of(y), d.gm_syn_dpc, replace=False)) for y in labels])
+    lm = _Cycle(np.arange(len(data.train)), d.lm_batch_size, rng)
+    learner_batches = _Cycle(np.arange(len(data.train)), d.learner_batch_size, rng)
+    optimizer = torch.optim.AdamW(learner.model.parameters(), lr=d.learner_lr)
+
+    def step() -> None:
+        _matching_step(gen, learner, real, syn, d, data.train, lm, runtime)
+        for p in params:
+            p.grad = None
+        _train_learner(learner, optimizer, data.train, learner_batches, d.learner_steps, runtime)
+
+    seconds, flops = timed(step, repeats)
+    return {"seconds": seconds, "flops": flops, "tokens": None}
+
+
+def sampling(cfg: Config, data, precision: str, repeats: int, rows: int, reference: bool) -> list[dict]:
+    from dilm_ray.models.generator import build_generator
+    from dilm_ray.precision import autocast, prepare
+
+    gen = build_generator(cfg.generator, data.task)
+    gen.model.requires_grad_(False)
+    prepare(gen.model, precision)
+    g = cfg.generator.model_copy(update={"generate_batch_size": min(rows, cfg.generator.generate_batch_size)})
+    counts = []
+
+    def ours() -> None:
+        with autocast(precision, gen.device):
+            out = gen.sample(0, rows, g, torch.Generator().manual_seed(cfg.seed))
+        counts.append(sum(len(s) + 1 for s in out))  # EOS included
+
+    seconds, flops = timed(ours, repeats)
+    result = [{"path": "sampling (ours)", "seconds": seconds, "flops": flops, "tokens": int(np.median(counts))}]
+    if reference:
+        prompt = torch.tensor([gen.prompt(0)] * g.generate_batch_size, dtype=torch.long)
+        new = gen.max_length - prompt.shape[1]
+        hf_counts = []
+
+        def hf() -> None:
+            torch.manual_seed(cfg.seed)
+            with autocast(precision, gen.device):
+                for start in range(0, rows, g.generate_batch_size):
+                    size = min(g.generate_batch_size, rows - start)
+                    out = gen.model.generate(
+                        input_ids=prompt[:size], attention_mask=torch.ones_like(prompt[:size]), do_sample=True, top_k=g.top_k, top_p=g.top_p,
+                        temperature=g.temperature, max_new_tokens=new, eos_token_id=gen.eos_id, pad_token_id=gen.pad_id,
+                        suppress_tokens=gen.banned_ids,
+                    )
+                    body = out[:, prompt.shape[1] :]
+                    hf_counts.append(int(((body != gen.pad_id) | (body == gen.eos_id)).sum()))
+
+        seconds, flops = timed(hf, repeats)
+        result.append({"path": "sampling (transformers generate)", "seconds": seconds, "flops": flops, "tokens": int(np.median(hf_counts))})
+    return result
+
+
+def evaluation(cfg: Config, data, precision: str, repeats: int) -> dict:
+    from dilm_ray.evaluation.train_eval import predict, train_learner
+    from dilm_ray.models.learner import build_learner
+    from dilm_ray.precision import prepare
+    from dilm_ray.synthesis import select_per_class
+
+    learner = build_learner(cfg.learner, data.task.num_labels, cfg.seed)
+    prepare(learner.model.body, precision)
+    subset = data.train.select(select_per_class(torch.zeros(len(data.train), 1), data.train.labels, 10, "random", cfg.seed))
+
+    def run() -> None:
+        train_learner(learner, subset, cfg.evaluate, cfg.seed, precision)
+        predict(learner, data.validation, cfg.evaluate.eval_batch_size, precision)
+
+    seconds, flops = timed(run, repeats)
+    return {"seconds": seconds, "flops": flops, "tokens": None}
+
+
+@click.command()
+@click.argument("config", default="configs/bench/sst2.yaml")
+@click.argument("overrides", nargs=-1)
+@click.option("--path", "paths", multiple=True, type=click.Choice(PATHS), help="hot paths to time (repeatable; default all)")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "bf16"]), help="default both")
+@click.option("--repeats", type=int, default=3, show_default=True, help="timed calls per path after one warm-up")
+@click.option("--sample-rows", type=int, default=64, show_default=True, help="samples drawn per sampling call")
+@click.option("--probe", type=int, default=2048, show_default=True, help="n of the n^3 matrix-product peak probe")
+@click.option("--no-reference", is_flag=True, help="skip transformers' generate")
+def main(config, overrides, paths, precisions, repeats, sample_rows, probe, no_reference) -> None:
+    import sys
+
+    from dilm_ray.data import load_data
+    from dilm_ray.errors import UserError
+    from dilm_ray.seeding import setup_torch
+
+    try:
+        cfg = load_config(config, list(overrides))
+        setup_torch(cfg)
+        data = load_data(cfg)
+    except UserError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    paths = paths or PATHS
+    precisions = precisions or ("fp32", "bf16")
+    peaks = {p: matmul_peak(probe, torch.bfloat16 if p == "bf16" else torch.float32) for p in precisions}
+    click.echo(f"{cfg.name}: {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    click.echo("peak (" + f"{probe}^3 matmul): " + ", ".join(f"{p} {peaks[p] / 1e9:.0f} GFLOP/s" for p in precisions))
+    rows = []
+    for path in paths:
+        for precision in precisions:
+            torch.manual_seed(cfg.seed)
+            if path == "stage1":
+                found = [{"path": "stage-1 step", **stage1(cfg, data, precision, repeats)}]
+            elif path == "stage2":
+                found = [{"path": "stage-2 step + inner loop", **stage2(cfg, data, precision, repeats)}]
+            elif path == "sampling":
+                found = sampling(cfg, data, precision, repeats, sample_rows, not no_reference)
+            else:
+                found = [{"path": "evaluation run", **evaluation(cfg, data, precision, repeats)}]
+            for r in found:
+                r["precision"] = precision
+                rows.append(r)
+                click.echo(f"  {r['path']} [{precision}]: {r['seconds']:.3f} s", err=True)
+    fp32 = {r["path"]: r["seconds"] for r in rows if r["precision"] == "fp32"}
+    click.echo("\n| hot path | precision | seconds | tokens/s | GFLOP/s | % of peak | speed-up vs fp32 |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        rate = r["flops"] / r["seconds"]
+        tokens = f"{r['tokens'] / r['seconds']:.0f}" if r["tokens"] else "-"
+        speedup = f"{fp32[r['path']] / r['seconds']:.2f}x" if r["path"] in fp32 else "-"
+        click.echo(f"| {r['path']} | {r['precision']} | {r['seconds']:.3f} | {tokens} | {rate / 1e9:.0f} | {100 * rate / peaks[r['precision']]:.0f} | {speedup} |")
+
+
+if __name__ == "__main__":
+    main()
