@@ -27,11 +27,12 @@ def _pretrain_in_process(cfg: Config) -> None:
     from dilm_ray.data import load_data
     from dilm_ray.seeding import setup_torch
     from dilm_ray.train.pretrain import pretrain
+    from dilm_ray.train.runtime import Runtime
 
     setup_torch(cfg)
     data = load_data(cfg, need_validation=False)
     gen = build_generator(cfg.generator, data.task, None)
-    pretrain(gen, data.train, cfg.pretrain, cfg.generator, cfg.seed)
+    pretrain(gen, data.train, cfg.pretrain, cfg.generator, cfg.seed, Runtime(precision=cfg.precision))  # as the Ray worker runs it
     gen.save(cfg.run_dir / "generator-plain")  # the Ray run ends with a checkpoint too
 
 

@@ -4,7 +4,8 @@ Hot paths, at the shapes of ``CONFIG`` (default: the SST-2 bench profile) with t
 and real rows:
 
 - ``stage-1 step``: one ``pretrain`` step (generator.train_top_layers trained, label tokens too),
-  a batch of pretrain.batch_size rows cut to generator.max_length tokens;
+  a batch of pretrain.batch_size rows long enough to fill generator.max_length tokens (16 x 40
+  in the bench profile);
 - ``stage-2 step``: one matching step (``_matching_step``: learner head gradients of the real and
   synthetic batches, generator LM losses, backward into the generator) and the learner's inner
   loop of distill.learner_steps;
@@ -81,7 +82,11 @@ def stage1(cfg: Config, data, precision: str, repeats: int) -> dict:
 
     gen = build_generator(cfg.generator, data.task)
     runtime = Runtime(precision=precision)
-    train = _rows(data.train, (repeats + 2) * cfg.pretrain.batch_size, cfg.seed)
+    # rows that fill generator.max_length: every batch has the same shape, batch_size x max_length
+    # (random rows would set each step's width by its longest row, and its cost with it)
+    pool = _rows(data.train, min(len(data.train), 5000), cfg.seed)
+    full = [i for i in range(len(pool)) if len(gen.encode(pool.texts[i], int(pool.labels[i]))) >= gen.max_length]
+    train = pool.select(full[: (repeats + 2) * cfg.pretrain.batch_size])
     tokens = cfg.pretrain.batch_size * float(gen.batch(train.select(range(cfg.pretrain.batch_size)))["attention_mask"].sum(1).float().mean())
     counter = FlopCounterMode(display=False)
     with counter:

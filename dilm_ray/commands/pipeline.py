@@ -136,7 +136,7 @@ def fidelity_of(groups: Groups, data: TaskData, seed: int, run_id: str | None = 
     predict = reference_classifier(data.train, seed)
     found = group_fidelity(predict, sets, data.task.num_labels)
     ceiling = reference_accuracy(predict, data.validation)
-    log(f"[label fidelity] reference classifier (TF-IDF + logistic regression on {len(data.train)} train rows): {100 * ceiling:.1f}% on validation")
+    log(f"[label fidelity] reference classifier (TF-IDF + logistic regression on {len(data.train)} train rows): {100 * ceiling:.1f}% on the {len(data.validation)} rows scored")
     for (method, dpc), fid in sorted(found.items()):
         log(f"[label fidelity] {method} DPC {dpc}: {fid.text()}% of {fid.rows} rows")
     log_metrics(run_id, {"label_fidelity.reference_accuracy": ceiling, **{f"label_fidelity.{m}.dpc{d}": f.overall for (m, d), f in found.items()}})

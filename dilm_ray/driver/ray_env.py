@@ -24,6 +24,23 @@ def ensure_ray(cfg: Config) -> None:
     for key, value in TRAIN_ENV.items():
         os.environ.setdefault(key, value)
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    env_vars = {k: os.environ[k] for k in (*TRAIN_ENV, "HF_HUB_OFFLINE", "DILM_RAY_CACHE", "MLFLOW_TRACKING_URI") if k in os.environ}
-    ray.init(address=address, runtime_env={"env_vars": env_vars}, logging_level="WARNING", log_to_driver=True)
+    ray.init(address=address, runtime_env={"env_vars": worker_env(cfg)}, logging_level="WARNING", log_to_driver=True)
     interrupts.reinstall()
+
+
+def worker_env(cfg: Config) -> dict[str, str]:
+    """The environment every Ray worker of this run gets: ``TRAIN_ENV``, the hub, cache and MLflow
+    settings set here, and ``OMP_NUM_THREADS=threads`` when the config sets ``threads`` (and the
+    environment does not already).
+
+    Why the thread count: Ray starts a worker that holds 1 CPU with ``OMP_NUM_THREADS=1``, and
+    raising torch's threads afterwards (``setup_torch``) does not undo all of it. Measured here
+    (``benchmarks/ray_overhead.py``, SmolLM2 stage-1 step in bf16, 2 threads): 1.43 s per step
+    in a 1-worker Ray Train run with Ray's value, 1.23 s with ``OMP_NUM_THREADS=2``, 0.96-1.06 s
+    in-process. Evaluation tasks still set their own thread count from the CPUs they hold.
+    """
+    keys = (*TRAIN_ENV, "HF_HUB_OFFLINE", "DILM_RAY_CACHE", "MLFLOW_TRACKING_URI", "OMP_NUM_THREADS")
+    env = {**TRAIN_ENV, **{k: os.environ[k] for k in keys if k in os.environ}}
+    if cfg.threads and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(cfg.threads)
+    return env
