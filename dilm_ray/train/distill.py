@@ -98,7 +98,9 @@ def distill(
     ``teacher_embeddings``: float [len(train), hidden], else ``learner.embed(train)``.
     ``on_outer_loop`` gets the state and the summary: ``match_loss`` (in [0, 2]), ``grad_sim``
     (in [-1, 1]), ``syn_lm_loss`` / ``lm_loss`` (nats/token), ``dropped_samples`` (count),
-    ``seconds_*`` (cumulative seconds) and ``lr``, averaged over workers. Returns the state with
+    ``seconds_*`` (cumulative seconds) and ``lr``, averaged over workers. Forward passes run in
+    ``runtime.precision`` (bf16: autocast, frozen generator layers held in bf16, fp32 master
+    weights; head gradients, sample weights and the matching loss in fp32). Returns the state with
     ``step == cfg.steps``. Raises RuntimeError when the generator cannot produce well-formed samples.
     """
     num_labels = gen.task.num_labels
