@@ -8,7 +8,7 @@ setup:
 test: setup
 	.venv/bin/python -m pytest -q
 
-# Unit tests only: tiny from_config models, seconds.
+# Unit tests only: tiny from_config models, under a minute.
 test-fast: setup
 	.venv/bin/python -m pytest -q -m "not integration"
 
