@@ -22,7 +22,7 @@ from dilm_ray.data import TaskData, TaskSpec, TextSet, load_data, load_file
 from dilm_ray.data.card import add_scores
 from dilm_ray.driver.executors import executor
 from dilm_ray.errors import UserError
-from dilm_ray.evaluation.fidelity import Fidelity, group_fidelity, reference_accuracy, reference_classifier
+from dilm_ray.evaluation.fidelity import Fidelity, group_fidelity, measured, reference_accuracy, reference_classifier
 from dilm_ray.evaluation.icl import is_icl
 from dilm_ray.evaluation.job import JOB_KEY, ZERO_SHOT, EvalJob, Group, eval_key, plan_for_learners, row_key, run_job
 from dilm_ray.evaluation.report import results_table, to_markdown, write_results
@@ -131,7 +131,7 @@ def fidelity_of(groups: Groups, data: TaskData, seed: int, run_id: str | None = 
     MLflow metrics ``label_fidelity.<method>.dpc<D>`` beside the reference classifier's
     validation accuracy; empty (and nothing fitted) when every group holds real rows."""
     sets = {g: [s.data for s in loaded] for g, loaded in groups.items()}
-    if not group_fidelity(lambda d: np.zeros(len(d), np.int64), sets, data.task.num_labels):
+    if not any(measured(g, s) for g, s in sets.items()):
         return {}
     predict = reference_classifier(data.train, seed)
     found = group_fidelity(predict, sets, data.task.num_labels)

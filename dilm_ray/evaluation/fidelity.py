@@ -68,12 +68,17 @@ def label_fidelity(predict: Predict, sets: Sequence[TextSet], num_labels: int) -
     return Fidelity(float(hits.mean()), by_label, int(len(labels)))
 
 
+def measured(group: tuple[str, int], sets: Sequence[TextSet]) -> bool:
+    """Whether ``group_fidelity`` measures a group: generated (not a coreset) and not empty."""
+    return group[0] not in REAL_ROW_METHODS and sum(len(s) for s in sets) > 0
+
+
 def group_fidelity(predict: Predict, groups: Mapping[tuple[str, int], Sequence[TextSet]], num_labels: int) -> dict[tuple[str, int], Fidelity]:
     """``label_fidelity`` per (method, dpc) group of generated sets; coresets and empty groups are left out."""
     return {
         group: label_fidelity(predict, sets, num_labels)
         for group, sets in groups.items()
-        if group[0] not in REAL_ROW_METHODS and sum(len(s) for s in sets)
+        if measured(group, sets)
     }
 
 
