@@ -134,6 +134,11 @@ class EvaluateConfig(_Section):
     parallel: bool = Field(True, description="fan runs out as Ray tasks (ray.cpus_per_eval_task each)")
     icl_shots_per_class: int | None = Field(None, ge=1, description="icl:<LM> learners: demonstrations per label drawn from a set; None: all its rows")
     icl_batch_size: int = Field(16, ge=1, description="icl:<LM> learners: validation rows scored per forward pass")
+    full_data_samples: int | None = Field(
+        None, ge=2, description="the full-data row: each learner also trains on this many balanced train rows (a ceiling to read the sets against); None: no such row"
+    )
+    full_data_steps: int = Field(500, ge=1, description="learner steps of the full-data row (batch: batch_size; otherwise the sets' protocol)")
+    full_data_seeds: int = Field(1, ge=1, description="learner seeds of the full-data row")
 
 
 class SearchSpec(_Section):

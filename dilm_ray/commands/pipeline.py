@@ -18,13 +18,13 @@ import pandas as pd
 
 from dilm_ray import interrupts
 from dilm_ray.config import Config
-from dilm_ray.data import TaskData, TaskSpec, TextSet, load_data, load_file
+from dilm_ray.data import TaskData, TaskSpec, TextSet, load_data, load_file, subsample
 from dilm_ray.data.card import add_scores
 from dilm_ray.driver.executors import executor
 from dilm_ray.errors import UserError
 from dilm_ray.evaluation.fidelity import Fidelity, group_fidelity, measured, reference_accuracy, reference_classifier
 from dilm_ray.evaluation.icl import is_icl
-from dilm_ray.evaluation.job import JOB_KEY, ZERO_SHOT, EvalJob, Group, eval_key, plan_for_learners, row_key, run_job
+from dilm_ray.evaluation.job import FULL_DATA, JOB_KEY, ZERO_SHOT, EvalJob, Group, eval_key, plan_for_learners, protocol_config, row_key, run_job
 from dilm_ray.evaluation.report import results_table, to_markdown, write_results
 from dilm_ray.keys import file_digest
 from dilm_ray.layout import RunLayout, discover_data_files, discover_sets
@@ -92,12 +92,17 @@ def evaluate_groups(
     if any(is_icl(name) for name in learners):  # the zero-shot reference: no demonstrations
         empty = TextSet(data.task.text_columns, (), np.zeros(0))
         groups = {**groups, ZERO_SHOT: [LoadedSet(empty, empty.digest(), Path("-"))]}
-    plan = plan_for_learners(groups, learners, cfg.synthesize.n_datasets, cfg.evaluate.n_evals_per_dataset, seeds or {}, cfg.seed)
-    keys = {name: eval_key(cfg, data.task, data.validation, name) for name in learners}
+    if cfg.evaluate.full_data_samples:
+        groups = {**groups, **full_data_group(data, cfg.evaluate.full_data_samples, cfg.seed)}
+    plan = plan_for_learners(
+        groups, learners, cfg.synthesize.n_datasets, cfg.evaluate.n_evals_per_dataset, seeds or {}, cfg.seed, cfg.evaluate.full_data_seeds
+    )
+    protocols = {m: protocol_config(cfg, m) for m in {m for m, _ in groups}}
+    keys = {(name, m): eval_key(protocols[m], data.task, data.validation, name) for name in learners for m in protocols}
 
     def expected(job: EvalJob) -> tuple[str, ...]:
         loaded = groups[(job.method, job.dpc)][job.set_index]
-        return row_key({**job.__dict__, "set_digest": loaded.digest, "eval_key": keys[job.learner]})
+        return row_key({**job.__dict__, "set_digest": loaded.digest, "eval_key": keys[(job.learner, job.method)]})
 
     earlier = pd.read_csv(runs_csv, dtype={"set_digest": str, "eval_key": str}).to_dict("records") if resume and runs_csv.is_file() else []
     planned = {tuple(str(getattr(j, k)) for k in JOB_KEY): expected(j) for j in plan}
@@ -120,10 +125,19 @@ def evaluate_groups(
     calls = []
     for job in todo:
         loaded = groups[(job.method, job.dpc)][job.set_index]
-        calls.append((job, loaded.data, loaded.digest, data.validation, cfg, data.task, keys[job.learner]))
+        calls.append((job, loaded.data, loaded.digest, data.validation, protocols[job.method], data.task, keys[(job.learner, job.method)]))
     if calls:
         executor(cfg, parallel).map(run_job, calls, save)
     return pd.DataFrame(rows)
+
+
+def full_data_group(data: TaskData, samples: int, seed: int) -> Groups:
+    """The full-data row's one set: ``samples`` balanced rows of the loaded train split
+    (``samples // num_labels`` per label, fewer where a label has fewer rows; drawn with
+    ``seed``), as group (``FULL_DATA``, rows per label)."""
+    rows = subsample(data.train, samples, seed, True, data.task.num_labels)
+    dpc, _ = set_dpc(rows, data.task.num_labels)
+    return {(FULL_DATA, dpc): [LoadedSet(rows, rows.digest(), Path("-"))]}
 
 
 def fidelity_of(groups: Groups, data: TaskData, seed: int, run_id: str | None = None, log: Callable[[str], None] = print) -> dict[Group, Fidelity]:

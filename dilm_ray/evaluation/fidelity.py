@@ -7,7 +7,7 @@ rows whose reference label is the label they were generated for. It explains sco
 whose rows do not follow their labels teaches any learner the wrong boundary. Read it against
 the reference classifier's own accuracy on real validation rows (``reference_accuracy``).
 
-Rows picked from the real train split (random, K-centers, herding coresets) are not measured:
+Rows picked from the real train split (random, K-centers, herding coresets, the full-data row) are not measured:
 the reference classifier was fitted on them.
 """
 
@@ -19,8 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from dilm_ray.data.dataset import TextSet
+from dilm_ray.evaluation.job import FULL_DATA
+from dilm_ray.layout import CORESETS
 
-REAL_ROW_METHODS = ("random", "k_centers", "herding")  # coresets: rows of the train split itself
+REAL_ROW_METHODS = (*CORESETS, FULL_DATA)  # rows of the train split itself
 
 Predict = Callable[[TextSet], np.ndarray]
 

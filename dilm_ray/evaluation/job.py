@@ -50,24 +50,40 @@ def plan_jobs(groups: Mapping[Group, Sequence], runs_per_group: int, seed: int, 
 
 
 ZERO_SHOT: Group = ("zero_shot", 0)  # icl: learners' reference: the prompt without demonstrations
+FULL_DATA = "full_data"  # method of the full-data row: many real train rows, a ceiling for the sets
+ONLY_SELECTING = {"n_evals_per_dataset", "baselines", "learners", "parallel", "full_data_samples", "full_data_seeds"}  # choose jobs, not a score
 
 
 def plan_for_learners(
-    groups: Mapping[Group, Sequence], learners: Sequence[str], n_sets: int, seeds_per_set: int, seeds: Mapping[str, int], seed: int
+    groups: Mapping[Group, Sequence], learners: Sequence[str], n_sets: int, seeds_per_set: int, seeds: Mapping[str, int], seed: int,
+    full_data_seeds: int = 1,
 ) -> list[EvalJob]:
     """Every learner's jobs: ``n_sets x seeds.get(learner, seeds_per_set)`` per group. A learner
     with fewer seeds per set gets a prefix of the full plan's jobs (the same sets and seeds).
     An ``icl:`` learner also gets one zero-shot job (group ``ZERO_SHOT``, deterministic), when
-    ``groups`` holds that group; other learners never train on it."""
+    ``groups`` holds that group; other learners never train on it. A ``FULL_DATA`` group (one
+    set) gets ``min(full_data_seeds, seeds.get(learner))`` jobs per learner that trains
+    (not ``icl:`` learners, which cannot hold a train split in their prompt)."""
     from dilm_ray.evaluation.icl import is_icl
 
-    real = {g: sets for g, sets in groups.items() if g != ZERO_SHOT}
+    real = {g: sets for g, sets in groups.items() if g != ZERO_SHOT and g[0] != FULL_DATA}
+    full = [g for g in groups if g[0] == FULL_DATA]
     jobs = []
     for name in learners:
         jobs += plan_jobs(real, n_sets * seeds.get(name, seeds_per_set), seed, [name])
         if is_icl(name) and ZERO_SHOT in groups:
             jobs.append(EvalJob(name, *ZERO_SHOT, 0, seed))
+        if not is_icl(name):
+            jobs += [EvalJob(name, *g, 0, seed + r) for g in full for r in range(min(full_data_seeds, seeds.get(name, full_data_seeds)))]
     return jobs
+
+
+def protocol_config(cfg: Config, method: str) -> Config:
+    """The config a job of ``method`` trains with: the full-data row trains
+    ``evaluate.full_data_steps`` steps, every other group ``evaluate.steps``."""
+    if method != FULL_DATA:
+        return cfg
+    return cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"steps": cfg.evaluate.full_data_steps})})
 
 
 def eval_key(cfg: Config, task: TaskSpec, validation: TextSet, learner: str) -> str:
@@ -78,7 +94,7 @@ def eval_key(cfg: Config, task: TaskSpec, validation: TextSet, learner: str) -> 
     16 hex characters (``content_key``)."""
     from dilm_ray.evaluation.icl import is_icl
 
-    protocol = cfg.evaluate.model_dump(mode="json", exclude={"n_evals_per_dataset", "baselines", "learners", "parallel"})
+    protocol = cfg.evaluate.model_dump(mode="json", exclude=ONLY_SELECTING | {"full_data_steps"})  # full-data jobs: protocol_config
     if not is_icl(learner):  # the in-context settings touch only icl: learners
         protocol = {k: v for k, v in protocol.items() if not k.startswith("icl_")}
     from dilm_ray.models.learner import PAIR_ENCODING_VERSION

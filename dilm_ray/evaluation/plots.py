@@ -10,7 +10,10 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from dilm_ray.evaluation.job import FULL_DATA, ZERO_SHOT
+
 REFERENCE = "dilm"
+LINES = {FULL_DATA: "full data ({dpc} rows per label)", ZERO_SHOT[0]: "zero-shot"}  # rows drawn as horizontal lines
 MAX_COLUMNS = 3
 
 
@@ -39,7 +42,8 @@ def _save(fig: Figure, path: Path) -> Path:
 def accuracy_figure(table: pd.DataFrame, score_name: str, reference: str = REFERENCE) -> Figure:
     """Mean score (%, ``score_name``) vs DPC with std error bars: one subplot per learner, one line per method.
 
-    ``table``: a ``results_table`` (fractions, plotted x100); ``reference`` is drawn in red on top.
+    ``table``: a ``results_table`` (fractions, plotted x100); ``reference`` is drawn in red on top;
+    the full-data and zero-shot rows (``LINES``) are horizontal lines, as they hold no DPC of sets.
     Raises ValueError when ``table`` lacks learner/dpc/method/mean/std columns or is empty.
     """
     missing = {"learner", "dpc", "method", "mean", "std"} - set(table.columns)
@@ -48,14 +52,18 @@ def accuracy_figure(table: pd.DataFrame, score_name: str, reference: str = REFER
     if table.empty:
         raise ValueError("results table is empty: nothing to plot")
     learners = sorted(table["learner"].astype(str).unique())
+    lines = table[table["method"].astype(str).isin(LINES)]  # references, not sets: drawn across every DPC
+    table = table[~table["method"].astype(str).isin(LINES)]
     methods = sorted(table["method"].astype(str).unique(), key=lambda m: (m != reference, m))
     others = [m for m in methods if m != reference]
     palette = ["#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
     colors = {m: palette[i % len(palette)] for i, m in enumerate(others)}
     colors[reference] = "#d62728"
-    fig, axes = _grid(len(learners), bottom_room=0.5)
+    fig, axes = _grid(len(learners), width=4.6 if len(learners) > 1 else 7.0, bottom_room=0.8)  # one panel: room for title and legend
     spread = 0.25  # total horizontal offset between methods, so error bars do not overlap
     for ax, learner in zip(axes, learners):
+        for r, style in zip(lines[lines["learner"].astype(str) == learner].to_dict("records"), ("--", ":", "-.")):
+            ax.axhline(100 * r["mean"], color="black", linestyle=style, linewidth=1.2, label=LINES[r["method"]].format(dpc=r["dpc"]))
         cell = table[table["learner"].astype(str) == learner]
         dpcs = sorted(cell["dpc"].unique())
         pos = {d: i for i, d in enumerate(dpcs)}
@@ -72,7 +80,7 @@ def accuracy_figure(table: pd.DataFrame, score_name: str, reference: str = REFER
                 zorder=3 if mine else 2,
             )
         ax.set_xticks(range(len(dpcs)), [str(d) for d in dpcs])
-        ax.set_xlim(-0.5, len(dpcs) - 0.5)
+        ax.set_xlim(-0.5, max(1, len(dpcs)) - 0.5)
         ax.set_title(_short(learner), fontsize=10)
         ax.set_xlabel("data per class (DPC)")
         ax.set_ylabel(f"{score_name} (%)")
@@ -83,9 +91,9 @@ def accuracy_figure(table: pd.DataFrame, score_name: str, reference: str = REFER
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), frameon=False)
     fig.suptitle(f"{score_name.capitalize()} of learners trained on distilled sets (mean ± std over runs)")
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.13, 1, 0.95))
     return fig
 
 
