@@ -8,7 +8,7 @@ from dilm_ray.commands.pipeline import evaluate_groups
 from dilm_ray.data import TaskData
 from dilm_ray.evaluation.job import plan_jobs
 from dilm_ray.evaluation.report import results_table, to_markdown
-from dilm_ray.evaluation.stats import summarize, welch_p
+from dilm_ray.evaluation.stats import summarize, welch_ci, welch_p
 from dilm_ray.evaluation.train_eval import scores, train_learner, predict
 from dilm_ray.models.generator import build_generator
 from dilm_ray.models.learner import build_learner
@@ -92,6 +92,10 @@ def test_stats():
     assert summarize([1.0, 3.0]) == {"mean": 2.0, "std": pytest.approx(2**0.5), "runs": 2}
     assert welch_p([0.9, 0.91, 0.92], [0.5, 0.51, 0.52]) < 0.001
     assert np.isnan(welch_p([1.0], [0.5, 0.6]))
+    low, high = welch_ci([0.9, 0.91, 0.92], [0.5, 0.51, 0.52])
+    assert low < 0.4 < high and high - low < 0.05  # around the difference of means, narrow for tight samples
+    low, high = welch_ci([0.6, 0.7, 0.8, 0.65], [0.62, 0.72, 0.69])
+    assert low < 0 < high  # overlapping samples: the interval holds 0
 
 
 def test_results_table_has_one_p_column_per_reference():

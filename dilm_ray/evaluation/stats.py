@@ -26,3 +26,14 @@ def welch_p(a: list[float], b: list[float]) -> float:
     if len(a) < 2 or len(b) < 2 or (np.var(a) == 0 and np.var(b) == 0):
         return float("nan")
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def welch_ci(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Confidence interval of mean(a) - mean(b) with Welch's degrees of freedom (scipy's
+    ``ttest_ind(..., equal_var=False).confidence_interval``), in the units of the values.
+
+    Raises ValueError when either side has fewer than 2 values."""
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"a confidence interval needs 2+ values per side, got {len(a)} and {len(b)}")
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(confidence_level=level)
+    return float(ci.low), float(ci.high)
