@@ -84,7 +84,9 @@ def evaluate_groups(
     and not run again, rows of other jobs (other learners, DPCs) are kept as they are, and
     stale rows (same job, another set or protocol) are dropped and their jobs run. Each
     finished job's row is appended to ``runs_csv`` and logged as an MLflow child of ``run_id``
-    at once; ``timer`` counts them under ``"evaluation runs"``.
+    at once; ``timer`` counts them under ``"evaluation runs"``. With
+    ``evaluate.full_data_samples`` every trainable learner also gets the full-data row
+    (``full_data_group``, ``evaluate.full_data_seeds`` runs of ``evaluate.full_data_steps`` steps).
     """
     if not groups:
         raise UserError("no distilled sets to evaluate")
