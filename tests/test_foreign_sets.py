@@ -74,3 +74,19 @@ def test_evaluate_takes_the_released_tree_in_one_command(tiny_overrides, tmp_pat
     assert "p vs sst2/dilm.dc/dpc_2.runA/dataset" in result.output  # the first group is the default reference
     bad = CliRunner().invoke(main, [*args, "--reference", "dilm"])
     assert bad.exit_code == 2 and "--reference dilm: no such method" in bad.output
+
+
+def test_resumed_evaluation_drops_rows_scored_on_other_validation_rows(tiny_overrides, tmp_path):
+    _released(tmp_path / "released", 2, "runA", 2)
+    base = ["evaluate", "configs/sst2-cpu.yaml", *tiny_overrides, "evaluate.parallel=false", "--learner", "tfidf-logreg",
+            "--data", str(tmp_path / "released"), "--columns", "label=labels"]
+    first = CliRunner().invoke(main, [*base, "synthesize.n_datasets=2"])
+    assert first.exit_code == 0, first.output
+    # fewer sets and other validation rows: set 1's earlier row is not a job now, and was scored on other rows
+    again = CliRunner().invoke(main, [*base, "synthesize.n_datasets=1", "data.max_validation_samples=20", "--resume"])
+    assert again.exit_code == 0, again.output
+    assert "0 of 1 runs done earlier, 2 stale rows dropped" in again.output
+    table = [line for line in again.output.splitlines() if line.startswith("| tfidf-logreg")]
+    assert [line.split(" | ")[4] for line in table] == ["1"]  # one run: the new one, not the new one beside an old one
+    kept = CliRunner().invoke(main, [*base, "synthesize.n_datasets=1", "data.max_validation_samples=20", "--resume"])
+    assert "1 of 1 runs done earlier" in kept.output and "stale" not in kept.output

@@ -81,8 +81,9 @@ def evaluate_groups(
     Per learner, each group gets ``synthesize.n_datasets x seeds[learner]`` runs (default
     ``evaluate.n_evals_per_dataset`` seeds per set). Without ``resume`` ``runs_csv`` starts
     empty; with it, rows whose job, set digest and evaluation key match a planned job are kept
-    and not run again, rows of other jobs (other learners, DPCs) are kept as they are, and
-    stale rows (same job, another set or protocol) are dropped and their jobs run. Each
+    and not run again, rows of other jobs (other learners, DPCs, sets) are kept if their
+    evaluation key is the one this config gives them, and stale rows (another set, protocol or
+    validation split) are dropped; planned jobs among them run again. Each
     finished job's row is appended to ``runs_csv`` and logged as an MLflow child of ``run_id``
     at once; ``timer`` counts them under ``"evaluation runs"``. With
     ``evaluate.full_data_samples`` every trainable learner also gets the full-data row
@@ -108,7 +109,21 @@ def evaluate_groups(
 
     earlier = pd.read_csv(runs_csv, dtype={"set_digest": str, "eval_key": str}).to_dict("records") if resume and runs_csv.is_file() else []
     planned = {tuple(str(getattr(j, k)) for k in JOB_KEY): expected(j) for j in plan}
-    rows = [r for r in earlier if planned.get(tuple(str(r[k]) for k in JOB_KEY), row_key(r)) == row_key(r)]
+    current: dict[tuple[str, str], str] = {}
+
+    def scored_now(row: Mapping) -> bool:
+        """A row outside the plan is kept only if scored as this config would score it now
+        (the same protocol and validation rows): a table never mixes two validation splits."""
+        learner, method = str(row["learner"]), str(row["method"])
+        if (learner, method) not in current:
+            current[(learner, method)] = eval_key(protocol_config(cfg, method), data.task, data.validation, learner)
+        return str(row["eval_key"]) == current[(learner, method)]
+
+    def kept(row: Mapping) -> bool:
+        job = tuple(str(row[k]) for k in JOB_KEY)
+        return planned[job] == row_key(row) if job in planned else scored_now(row)
+
+    rows = [r for r in earlier if kept(r)]
     have = {row_key(r) for r in rows}
     todo = [j for j in plan if expected(j) not in have]
     stale = len(earlier) - len(rows)
