@@ -101,27 +101,26 @@ def evaluate_groups(
         groups, learners, cfg.synthesize.n_datasets, cfg.evaluate.n_evals_per_dataset, seeds or {}, cfg.seed, cfg.evaluate.full_data_seeds
     )
     protocols = {m: protocol_config(cfg, m) for m in {m for m, _ in groups}}
-    keys = {(name, m): eval_key(protocols[m], data.task, data.validation, name) for name in learners for m in protocols}
+    keys: dict[tuple[str, str], str] = {}
+
+    def key_of(learner: str, method: str) -> str:
+        """The evaluation key this config gives (learner, method)'s runs, any learner or method."""
+        if (learner, method) not in keys:
+            keys[(learner, method)] = eval_key(protocols.get(method) or protocol_config(cfg, method), data.task, data.validation, learner)
+        return keys[(learner, method)]
 
     def expected(job: EvalJob) -> tuple[str, ...]:
         loaded = groups[(job.method, job.dpc)][job.set_index]
-        return row_key({**job.__dict__, "set_digest": loaded.digest, "eval_key": keys[(job.learner, job.method)]})
+        return row_key({**job.__dict__, "set_digest": loaded.digest, "eval_key": key_of(job.learner, job.method)})
 
     earlier = pd.read_csv(runs_csv, dtype={"set_digest": str, "eval_key": str}).to_dict("records") if resume and runs_csv.is_file() else []
     planned = {tuple(str(getattr(j, k)) for k in JOB_KEY): expected(j) for j in plan}
-    current: dict[tuple[str, str], str] = {}
-
-    def scored_now(row: Mapping) -> bool:
-        """A row outside the plan is kept only if scored as this config would score it now
-        (the same protocol and validation rows): a table never mixes two validation splits."""
-        learner, method = str(row["learner"]), str(row["method"])
-        if (learner, method) not in current:
-            current[(learner, method)] = eval_key(protocol_config(cfg, method), data.task, data.validation, learner)
-        return str(row["eval_key"]) == current[(learner, method)]
 
     def kept(row: Mapping) -> bool:
+        """A planned job's row if it is the one the job would make now; another job's row if scored
+        under this config's protocol and validation rows (a table never mixes two validation splits)."""
         job = tuple(str(row[k]) for k in JOB_KEY)
-        return planned[job] == row_key(row) if job in planned else scored_now(row)
+        return planned[job] == row_key(row) if job in planned else str(row["eval_key"]) == key_of(str(row["learner"]), str(row["method"]))
 
     rows = [r for r in earlier if kept(r)]
     have = {row_key(r) for r in rows}
@@ -142,7 +141,7 @@ def evaluate_groups(
     calls = []
     for job in todo:
         loaded = groups[(job.method, job.dpc)][job.set_index]
-        calls.append((job, loaded.data, loaded.digest, data.validation, protocols[job.method], data.task, keys[(job.learner, job.method)]))
+        calls.append((job, loaded.data, loaded.digest, data.validation, protocols[job.method], data.task, key_of(job.learner, job.method)))
     if calls:
         executor(cfg, parallel).map(run_job, calls, save)
     return pd.DataFrame(rows)
