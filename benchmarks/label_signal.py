@@ -53,7 +53,8 @@ def label_signal(gen, texts: list[str], layer: int, sink: bool) -> dict[str, flo
 def main(config: str, overrides: tuple[str, ...], generator_dir: str | None, sentences: int) -> None:
     import sys
 
-    from dilm_ray.models.generator import decoder_layers, build_generator
+    from dilm_ray.models.blocks import transformer_blocks
+    from dilm_ray.models.generator import build_generator
     from dilm_ray.data import load_data
     from dilm_ray.seeding import setup_torch
 
@@ -63,7 +64,7 @@ def main(config: str, overrides: tuple[str, ...], generator_dir: str | None, sen
         data = load_data(cfg)
         gen = build_generator(cfg.generator, data.task, generator_dir)
         gen.model.eval()
-        n_layers = len(decoder_layers(gen.model))
+        n_layers = len(transformer_blocks(gen.model))
         layer = n_layers - (cfg.generator.train_top_layers or n_layers)  # hidden_states[i] feeds block i
         texts = [" ".join(t) for t in data.train.texts]
         click.echo(f"{len(texts)} train sentences, hidden states at the input of block {layer} of {n_layers}")

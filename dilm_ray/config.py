@@ -119,11 +119,45 @@ class SynthesizeConfig(_Section):
         return self
 
 
+class FamilyProtocol(_Section):
+    """How the evaluator trains one learner family; a field left None follows ``evaluate``'s own
+    (``lr``, ``steps``, ``warmup_ratio``, ``train_top_layers``) or ``learner.pooling``."""
+
+    lr: float | None = Field(None, gt=0.0)
+    steps: int | None = Field(None, ge=1)
+    warmup_ratio: float | None = Field(None, ge=0.0, le=1.0)
+    train_top_layers: int | None = Field(None, ge=0, description="train the head and the top N blocks of the body (0: a linear probe on frozen features)")
+    pooling: Literal["cls", "mean", "last"] | None = None
+    body_fraction: float | None = Field(None, gt=0.0, le=1.0, description="keep the first round(f x blocks) blocks of the body, drop the rest (features from a middle layer)")
+
+    def overrides(self) -> dict[str, Any]:
+        """The fields this family sets (None fields left out)."""
+        return self.model_dump(exclude_none=True)
+
+
+class DecoderProtocol(FamilyProtocol):
+    # Chosen on held-out train rows (benchmarks/README.md "Learner protocols", SmolLM2-135M, random
+    # SST-2 DPC-20 sets): the encoders' full fine-tune at lr 1e-4 collapses a decoder to one class
+    # on 20-40 samples; a linear probe on the mean-pooled features of its first half does not.
+    lr: float | None = Field(1e-2, gt=0.0)
+    train_top_layers: int | None = Field(0, ge=0, description="train the head and the top N blocks of the body (0: a linear probe on frozen features)")
+    pooling: Literal["cls", "mean", "last"] | None = "mean"
+    body_fraction: float | None = Field(0.5, gt=0.0, le=1.0, description="keep the first round(f x blocks) blocks of the body, drop the rest (features from a middle layer)")
+
+
+class ScratchProtocol(FamilyProtocol):
+    # Chosen on held-out train rows (benchmarks/README.md "Learner protocols"): random weights
+    # take a larger step than pretrained ones (lr 3e-3 best of 1e-4 .. 3e-3, none above chance).
+    lr: float | None = Field(3e-3, gt=0.0)
+
+
 class EvaluateConfig(_Section):
     lr: float = Field(1e-4, gt=0.0)
     steps: int = Field(200, ge=1)
     batch_size: int = Field(64, ge=1, description="the batch is min(batch_size, |D|)")
     warmup_ratio: float = Field(0.5, ge=0.0, le=1.0)
+    train_top_layers: int | None = Field(None, ge=0, description="train the head and the top N blocks of the body (0: a linear probe); None: every layer")
+    body_fraction: float | None = Field(None, gt=0.0, le=1.0, description="learners keep the first round(f x blocks) blocks of their body (features from a middle layer); None: all")
     scheduler: Literal["linear", "cosine", "constant"] = "cosine"
     weight_decay: float = Field(0.01, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
@@ -139,6 +173,11 @@ class EvaluateConfig(_Section):
     )
     full_data_steps: int = Field(500, ge=1, description="learner steps of the full-data row (batch: batch_size; otherwise the sets' protocol)")
     full_data_seeds: int = Field(1, ge=1, description="learner seeds of the full-data row")
+    # One protocol per learner family (evaluation.learners.family_of): what a family sets replaces
+    # the fields above for its learners; the encoder family (MiniLM, BERT) uses them as they are.
+    encoder: FamilyProtocol = FamilyProtocol()
+    decoder: DecoderProtocol = DecoderProtocol()
+    scratch: ScratchProtocol = ScratchProtocol()
 
 
 class SearchSpec(_Section):

@@ -77,7 +77,8 @@ def main() -> None:
     from dilm_ray.config import DistillConfig, EvaluateConfig, GeneratorConfig, LearnerConfig, PretrainConfig
     from dilm_ray.data import BUILTIN_TASKS
     from dilm_ray.evaluation.train_eval import predict, scores, train_learner
-    from dilm_ray.models.generator import build_generator, decoder_layers
+    from dilm_ray.models.blocks import transformer_blocks
+    from dilm_ray.models.generator import build_generator
     from dilm_ray.models.learner import build_learner
     from dilm_ray.precision import prepare
     from dilm_ray.train.distill import distill
@@ -95,7 +96,7 @@ def main() -> None:
         gen_cfg = GeneratorConfig(model=str(lm_dir), max_length=12, train_top_layers=2, generate_batch_size=16)
         gen = build_generator(gen_cfg, task)
         gen.model.to(device)
-        top = decoder_layers(gen.model)[-1].mlp.up_proj.weight
+        top = transformer_blocks(gen.model)[-1].mlp.up_proj.weight
         before = top.detach().clone()
 
         losses = []
@@ -108,7 +109,7 @@ def main() -> None:
         check(not torch.equal(top.detach(), before) and top.dtype == torch.float32, "stage 1 changed the top block (fp32 master weights)")
         check(gen.label_rows is not None and gen.label_rows.dtype == torch.float32 and gen.label_rows.device.type == device.type, "label rows train in fp32 on the device")
         if args.precision == "bf16":
-            check(decoder_layers(gen.model)[0].mlp.up_proj.weight.dtype == torch.bfloat16, "frozen blocks held in bf16")
+            check(transformer_blocks(gen.model)[0].mlp.up_proj.weight.dtype == torch.bfloat16, "frozen blocks held in bf16")
 
         learner = build_learner(LearnerConfig(model=str(bert_dir), max_length=16), task.num_labels, seed=0)
         learner.model.to(device)

@@ -7,7 +7,8 @@ import torch
 from dilm_ray import precision
 from dilm_ray.algorithm.matching import per_sample_head_grads
 from dilm_ray.config import DistillConfig, GeneratorConfig, LearnerConfig, PretrainConfig, load_config
-from dilm_ray.models.generator import build_generator, decoder_layers
+from dilm_ray.models.blocks import transformer_blocks
+from dilm_ray.models.generator import build_generator
 from dilm_ray.models.learner import build_learner
 from dilm_ray.train.distill import distill
 from dilm_ray.train.gradients import head_grads
@@ -52,13 +53,13 @@ def test_bf16_stage1_holds_frozen_blocks_in_bf16_trains_fp32_masters_and_tracks_
     for runtime in (Runtime(), BF16):
         torch.manual_seed(0)
         gen, gen_cfg = _tiny(tiny_lm_dir, toy_sets, top_layers=1)
-        frozen_before = decoder_layers(gen.model)[0].self_attn.q_proj.weight.detach().clone()
-        top_before = decoder_layers(gen.model)[-1].mlp.up_proj.weight.detach().clone()
+        frozen_before = transformer_blocks(gen.model)[0].self_attn.q_proj.weight.detach().clone()
+        top_before = transformer_blocks(gen.model)[-1].mlp.up_proj.weight.detach().clone()
         losses = Losses()
         pretrain(gen, train, cfg, gen_cfg, seed=0, runtime=runtime, logger=losses)
         runs[runtime.precision] = losses.values
-        frozen = decoder_layers(gen.model)[0].self_attn.q_proj.weight
-        top = decoder_layers(gen.model)[-1].mlp.up_proj.weight
+        frozen = transformer_blocks(gen.model)[0].self_attn.q_proj.weight
+        top = transformer_blocks(gen.model)[-1].mlp.up_proj.weight
         assert top.dtype == torch.float32 and not torch.equal(top.detach(), top_before)  # fp32 master weights, trained
         if runtime.precision == "bf16":
             assert frozen.dtype == torch.bfloat16
@@ -99,12 +100,12 @@ def test_bf16_stage2_trains_the_generator_with_finite_matching_losses(tiny_lm_di
     learner = build_learner(LearnerConfig(model=str(tiny_bert_dir), max_length=16), 2, seed=0)
     cfg = DistillConfig(steps=4, inner_loop=2, learner_steps=1, learner_batch_size=8, n_repset=1, repset_dpc=4,
                         gm_real_dpc=4, gm_real_accum=1, gm_syn_dpc=2, generate_interval=1, lr=1e-3, log_every=2)
-    top = decoder_layers(gen.model)[-1].mlp.up_proj.weight
+    top = transformer_blocks(gen.model)[-1].mlp.up_proj.weight
     before = top.detach().clone()
     rows = []
     distill(gen, learner, train, cfg, gen_cfg, seed=0, runtime=BF16, on_outer_loop=lambda st, m: rows.append(m))
     assert top.dtype == torch.float32 and not torch.equal(top.detach(), before)
-    assert decoder_layers(gen.model)[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert transformer_blocks(gen.model)[0].mlp.up_proj.weight.dtype == torch.bfloat16
     assert all(np.isfinite([r["match_loss"], r["grad_sim"], r["syn_lm_loss"]]).all() for r in rows)
 
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 from dilm_ray.config import Config
 from dilm_ray.data import TaskSpec, TextSet
-from dilm_ray.evaluation.learners import describe, evaluate_learner
+from dilm_ray.evaluation.learners import describe, evaluate_learner, family_config
 from dilm_ray.keys import content_key
 
 Group = tuple[str, int]  # (method, dpc)
@@ -51,6 +51,7 @@ def plan_jobs(groups: Mapping[Group, Sequence], runs_per_group: int, seed: int, 
 
 ZERO_SHOT: Group = ("zero_shot", 0)  # icl: learners' reference: the prompt without demonstrations
 FULL_DATA = "full_data"  # method of the full-data row: many real train rows, a ceiling for the sets
+FAMILY_SECTIONS = {"encoder", "decoder", "scratch"}  # resolved into the fields they set by family_config
 ONLY_SELECTING = {"n_evals_per_dataset", "baselines", "learners", "parallel", "full_data_samples", "full_data_seeds"}  # choose jobs, not a score
 
 
@@ -80,21 +81,29 @@ def plan_for_learners(
 
 def protocol_config(cfg: Config, method: str) -> Config:
     """The config a job of ``method`` trains with: the full-data row trains
-    ``evaluate.full_data_steps`` steps, every other group ``evaluate.steps``."""
+    ``evaluate.full_data_steps`` steps whatever the learner's family (its other settings hold),
+    every other group ``evaluate.steps`` or its family's steps."""
     if method != FULL_DATA:
         return cfg
-    return cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"steps": cfg.evaluate.full_data_steps})})
+    ev = cfg.evaluate
+    families = {f: getattr(ev, f).model_copy(update={"steps": None}) for f in sorted(FAMILY_SECTIONS)}
+    return cfg.model_copy(update={"evaluate": ev.model_copy(update={"steps": ev.full_data_steps, **families})})
 
 
 def eval_key(cfg: Config, task: TaskSpec, validation: TextSet, learner: str) -> str:
     """What a job's score depends on besides its set and seed: the learner name and config,
-    the precision of its forward passes (neural and icl: learners), the training protocol (``evaluate`` minus the keys that only choose which jobs run), the
-    task's metric and the validation rows themselves (not the path they came from).
+    the precision of its forward passes (neural and icl: learners), the training protocol of its
+    family (``evaluate`` as ``learners.family_config`` resolves it, minus the keys that only choose
+    which jobs run), the task's metric and the validation rows themselves (not the path they came from).
 
     16 hex characters (``content_key``)."""
     from dilm_ray.evaluation.icl import is_icl
 
-    protocol = cfg.evaluate.model_dump(mode="json", exclude=ONLY_SELECTING | {"full_data_steps"})  # full-data jobs: protocol_config
+    cfg = family_config(cfg, learner)  # the family's protocol replaces the fields it sets
+    protocol = cfg.evaluate.model_dump(mode="json", exclude=ONLY_SELECTING | FAMILY_SECTIONS | {"full_data_steps"})  # full-data jobs: protocol_config
+    for field in ("train_top_layers", "body_fraction"):  # None (whole body, every layer trains): the keys made before these settings existed
+        if protocol[field] is None:
+            del protocol[field]
     if not is_icl(learner):  # the in-context settings touch only icl: learners
         protocol = {k: v for k, v in protocol.items() if not k.startswith("icl_")}
     from dilm_ray.models.learner import PAIR_ENCODING_VERSION

@@ -1,9 +1,10 @@
 """Learner architectures the evaluator can train on distilled text, selected by name.
 
 - any name ``build_learner`` accepts (hub id, local folder, ``minilm-l6``, ``smollm2-135m``): the
-  pretrained neural learner, fine-tuned by ``train_learner`` (decoders pool the last token);
+  pretrained neural learner, fine-tuned by ``train_learner`` under its family's protocol
+  (``evaluate.encoder`` / ``evaluate.decoder``, see ``family_config``);
 - ``scratch-transformer``: a small BERT-style transformer with random weights drawn from the run
-  seed, on the MiniLM tokenizer, trained by the same ``train_learner`` protocol;
+  seed, on the MiniLM tokenizer, trained by ``train_learner`` with its own family protocol;
 - ``tfidf-logreg``: word 1-2 gram TF-IDF + logistic regression. Text-level distilled sets can
   train models no embedding-level distillation method can; this learner shows it.
 
@@ -63,6 +64,25 @@ def describe(name: str) -> str:
     return "hub/local"
 
 
+FAMILY_PROTOCOLS = {"encoder": "encoder", "hub/local": "encoder", "decoder": "decoder", SCRATCH: "scratch"}  # describe() -> evaluate.<section>
+
+
+def family_config(cfg: Config, name: str) -> Config:
+    """The config learner ``name`` is evaluated with: its family's protocol (``evaluate.encoder``,
+    ``evaluate.decoder`` or ``evaluate.scratch``, by ``describe``) in place of ``evaluate.lr``,
+    ``steps``, ``warmup_ratio``, ``train_top_layers``, ``body_fraction`` and ``learner.pooling``; ``cfg`` itself when
+    the family sets none of them (TF-IDF and ``icl:`` learners have no such protocol)."""
+    section = FAMILY_PROTOCOLS.get(describe(name))
+    overrides = getattr(cfg.evaluate, section).overrides() if section else {}
+    if not overrides:
+        return cfg
+    pooling = overrides.pop("pooling", None)
+    update = {"evaluate": cfg.evaluate.model_copy(update=overrides)}
+    if pooling is not None:
+        update["learner"] = cfg.learner.model_copy(update={"pooling": pooling})
+    return cfg.model_copy(update=update)
+
+
 # ---------------------------------------------------------------------------------------------
 # scratch-transformer
 
@@ -99,7 +119,8 @@ class ScratchLearner(Learner):
 
 
 def build_scratch(cfg: LearnerConfig, num_labels: int, seed: int) -> ScratchLearner:
-    """A small BERT (``SCRATCH_SHAPE``) from config on the MiniLM tokenizer, mean pooling.
+    """A small BERT (``SCRATCH_SHAPE``) from config on the MiniLM tokenizer, mean pooling
+    unless ``cfg.pooling`` names another rule.
 
     Float32, reset to ``seed``; ``max_length`` capped at 512 positions. Raises UserError when
     the MiniLM tokenizer cannot be loaded.
@@ -110,7 +131,7 @@ def build_scratch(cfg: LearnerConfig, num_labels: int, seed: int) -> ScratchLear
     tokenizer.padding_side = "right"
     config = BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **SCRATCH_SHAPE)
     body = BertModel(config, add_pooling_layer=False)
-    model = Classifier(body, config.hidden_size, num_labels, "mean", cfg.dropout)
+    model = Classifier(body, config.hidden_size, num_labels, "mean" if cfg.pooling == "auto" else cfg.pooling, cfg.dropout)
     max_length = min(cfg.max_length, config.max_position_embeddings)
     learner = ScratchLearner(model, tokenizer, max_length, cfg.embed_batch_size)
     learner.reset(seed)
@@ -164,15 +185,21 @@ def build(name: str, cfg: Config, task: TaskSpec, seed: int) -> Learner | None:
         return None
     if name == SCRATCH:
         return build_scratch(cfg.learner, task.num_labels, seed)
-    return build_learner(cfg.learner, task.num_labels, seed, name)
+    return build_learner(cfg.learner, task.num_labels, seed, name, cfg.evaluate.body_fraction)
 
 
 def _cached(name: str, cfg: Config, task: TaskSpec, seed: int, cache: dict | None) -> Learner | None:
     if cache is None:
         return build(name, cfg, task, seed)
     learner = cache.get(name)
-    # A different label count needs a different head: rebuild rather than train the wrong shape.
-    if learner is None or learner.model.head.out_features != task.num_labels:
+    # A different label count needs a different head, another pooling rule another learner: rebuild.
+    pooling, fraction = cfg.learner.pooling, cfg.evaluate.body_fraction
+    if (
+        learner is None
+        or learner.model.head.out_features != task.num_labels
+        or pooling not in ("auto", learner.model.pooling)
+        or learner.body_fraction != fraction
+    ):
         learner = cache[name] = build(name, cfg, task, seed)
     return learner
 
@@ -188,8 +215,10 @@ def evaluate_learner(
     learner taken from ``cache`` gives the same scores as a freshly built one.
 
     Scores are fractions in [0, 1]; seconds are wall-clock. DiLM Sec. 4 (train a learner on the
-    distilled set, score it on validation). Raises UserError when the model cannot be loaded.
+    distilled set, score it on validation), with the learner family's protocol
+    (``family_config``). Raises UserError when the model cannot be loaded.
     """
+    cfg = family_config(cfg, name)
     if name == TFIDF:
         start = time.perf_counter()
         preds = tfidf_predict(train, validation, seed)

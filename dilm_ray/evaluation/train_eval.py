@@ -9,14 +9,17 @@ import torch.nn.functional as F
 from dilm_ray.config import EvaluateConfig
 from dilm_ray.data.dataset import TextSet
 from dilm_ray.models.learner import Learner
-from dilm_ray.precision import autocast
+from dilm_ray.models.blocks import train_top_blocks
+from dilm_ray.precision import autocast, hold_frozen
 from dilm_ray.train.optim import adamw, schedule
 
 
 def train_learner(learner: Learner, train: TextSet, cfg: EvaluateConfig, seed: int, precision: str = "fp32") -> None:
     """Paper protocol: AdamW, warmup then cosine, ``cfg.steps`` steps of min(batch_size, |D|).
 
-    The decay is ``cfg.scheduler`` (cosine by default). Resets the learner to ``seed`` and seeds
+    The decay is ``cfg.scheduler`` (cosine by default); the head and, with
+    ``cfg.train_top_layers``, only the top blocks of the body train (0: the head alone, a
+    linear probe on the body's eval-mode features, computed once). Resets the learner to ``seed`` and seeds
     the global torch RNG (dropout); batches walk through reshuffled passes over ``train``; the
     cross-entropy gradient is clipped to ``cfg.grad_clip``. Forward passes run under
     ``precision`` (bf16 autocast; fp32 cross-entropy, master weights and AdamW state). Trains in
@@ -26,20 +29,29 @@ def train_learner(learner: Learner, train: TextSet, cfg: EvaluateConfig, seed: i
     torch.manual_seed(seed)  # dropout masks
     rng = np.random.default_rng(seed)
     model = learner.model
+    train_top_blocks(model.body, cfg.train_top_layers)
+    hold_frozen(model.body, precision)  # frozen blocks run in bf16 under bf16, as in the stages
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg.lr, cfg.weight_decay)
     scheduler = schedule(optimizer, cfg.scheduler, cfg.steps, cfg.warmup_ratio)
     size = min(cfg.batch_size, len(train))
     order = np.empty(0, dtype=np.int64)
+    probe = not any(p.requires_grad for p in model.body.parameters())
+    if probe:  # a linear probe: the frozen body's features once (eval mode), not once per step
+        with autocast(precision, learner.device):
+            features = learner.embed(train).to(learner.device)
+    labels = torch.as_tensor(train.labels, device=learner.device)
     model.train()
     for _ in range(cfg.steps):
         if len(order) < size:
             order = np.concatenate([order, rng.permutation(len(train))])
         idx, order = order[:size], order[size:]
-        batch = train.select(idx)
-        with autocast(precision, learner.device):
-            logits = model(**learner.batch(batch)).float()
-        loss = F.cross_entropy(logits, torch.as_tensor(batch.labels, device=logits.device))
+        if probe:
+            logits = model.head(model.dropout(features[torch.as_tensor(idx, device=learner.device)]))
+        else:
+            with autocast(precision, learner.device):
+                logits = model(**learner.batch(train.select(idx))).float()
+        loss = F.cross_entropy(logits, labels[torch.as_tensor(idx, device=learner.device)])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()

@@ -18,6 +18,7 @@ from torch import nn
 from dilm_ray.config import GeneratorConfig
 from dilm_ray.data.dataset import TextSet
 from dilm_ray.data.tasks import TaskSpec
+from dilm_ray.models.blocks import train_top_blocks
 from dilm_ray.models.registry import load_with_hint
 
 SEP_TOKEN = "<sep>"
@@ -310,17 +311,6 @@ def sample_tokens(
     return [s[: s.index(eos_id)] if eos_id in s else s for s in seqs]
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The transformer block list: the longest ModuleList in the model.
-
-    Raises ValueError when the model has no ModuleList.
-    """
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    if not lists:
-        raise ValueError("cannot find the transformer layers of the generator")
-    return max(lists, key=len)
-
-
 def set_trainable(gen: Generator, top_layers: int | None, label_tokens: bool) -> list[nn.Parameter]:
     """Freeze all but the top ``top_layers`` blocks and the final norm; optionally train the label-token rows.
 
@@ -329,22 +319,11 @@ def set_trainable(gen: Generator, top_layers: int | None, label_tokens: bool) ->
 
     ``top_layers=None`` trains every parameter (``label_tokens`` then has no effect). Returns the
     parameters to optimise. Stage 1 (Sec. 3.1) trains the label tokens; stage 2 (Sec. 3.2) not.
-    Raises ValueError as ``decoder_layers`` does.
+    Raises ValueError as ``blocks.transformer_blocks`` does.
     """
-    model = gen.model
+    trainable = train_top_blocks(gen.model, top_layers)
     if top_layers is None:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return [p for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    layers = decoder_layers(model)
-    trainable = list(layers[-top_layers:].parameters())
-    last_norm = [m for m in model.modules() if "norm" in type(m).__name__.lower() or isinstance(m, nn.LayerNorm)]
-    if last_norm:
-        trainable += list(last_norm[-1].parameters())
-    for p in trainable:
-        p.requires_grad_(True)
+        return trainable
     if label_tokens:
         rows = gen.train_label_rows()
         rows._dilm_no_decay = True  # embeddings take no weight decay
