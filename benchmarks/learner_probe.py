@@ -9,6 +9,9 @@ the evaluation protocol) can still show here whether its features carry the labe
     python benchmarks/learner_probe.py configs/bench/sst2.yaml --learner smollm2-135m \\
         --set runs/sst2-bench/distilled/random/dpc10/set0/train.parquet \\
         --set runs/sst2-bench/distilled/dilm/dpc10/set0/train.parquet
+
+``--body-fraction 0.5`` probes the features of the body's first half instead (repeatable), the
+learner's ``evaluate.body_fraction``.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ def held_out_rows(full: TextSet, used: TextSet, n: int, seed: int) -> TextSet:
 @click.option("--set", "set_paths", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False), help="a dataset file to fit on (repeatable)")
 @click.option("--pooling", "poolings", multiple=True, default=("last", "mean"), show_default=True, type=click.Choice(["last", "mean", "cls"]))
 @click.option("--held-out", type=int, default=872, show_default=True, help="real train rows to score on")
-def main(config: str, overrides: tuple[str, ...], learner_name: str, set_paths: tuple[str, ...], poolings: tuple[str, ...], held_out: int) -> None:
+@click.option("--body-fraction", "fractions", multiple=True, type=click.FloatRange(0.0, 1.0, min_open=True), help="probe the first f of the body's blocks (repeatable; default: the whole body)")
+def main(config: str, overrides: tuple[str, ...], learner_name: str, set_paths: tuple[str, ...], poolings: tuple[str, ...], held_out: int, fractions: tuple[float, ...]) -> None:
     from sklearn.linear_model import LogisticRegression
 
     from dilm_ray.data import load_file, load_split
@@ -54,16 +58,18 @@ def main(config: str, overrides: tuple[str, ...], learner_name: str, set_paths: 
         data = load_data(cfg, need_validation=False)
         held = held_out_rows(load_split(cfg.data, data.task, cfg.data.train_split), data.train, held_out, cfg.seed)
         sets = {path: load_file(Path(path), data.task) for path in set_paths}
-        learner = build(learner_name, cfg, data.task, cfg.seed)
-        if learner is None:
-            raise UserError(f"{learner_name} has no features to probe")
-        click.echo(f"| pooling | set | rows | held-out accuracy % ({held_out} real train rows) |\n|---|---|---|---|")
-        for pooling in poolings:
-            learner.model.pooling = pooling  # the rule is read at each forward: one model for all rules
-            features = learner.embed(held).numpy()
-            for path, train in sets.items():
-                clf = LogisticRegression(max_iter=5000).fit(learner.embed(train).numpy(), train.labels)
-                click.echo(f"| {pooling} | {path} | {len(train)} | {100 * clf.score(features, held.labels):.1f} |")
+        click.echo(f"| body fraction | pooling | set | rows | held-out accuracy % ({held_out} real train rows) |\n|---|---|---|---|---|")
+        for fraction in fractions or (None,):
+            probed = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"body_fraction": fraction})})
+            learner = build(learner_name, probed, data.task, cfg.seed)
+            if learner is None:
+                raise UserError(f"{learner_name} has no features to probe")
+            for pooling in poolings:
+                learner.model.pooling = pooling  # the rule is read at each forward: one model for all rules
+                features = learner.embed(held).numpy()
+                for path, train in sets.items():
+                    clf = LogisticRegression(max_iter=5000).fit(learner.embed(train).numpy(), train.labels)
+                    click.echo(f"| {fraction or 1.0} | {pooling} | {path} | {len(train)} | {100 * clf.score(features, held.labels):.1f} |")
     except UserError as err:
         click.echo(f"error: {err}", err=True)
         raise SystemExit(2) from None

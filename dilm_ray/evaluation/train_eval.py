@@ -40,7 +40,7 @@ def train_learner(learner: Learner, train: TextSet, cfg: EvaluateConfig, seed: i
     if probe:  # a linear probe: the frozen body's features once (eval mode), not once per step
         with autocast(precision, learner.device):
             features = learner.embed(train).to(learner.device)
-    labels = torch.as_tensor(train.labels, device=learner.device)
+    labels = torch.tensor(train.labels, device=learner.device)  # a copy: set labels are read-only arrays
     model.train()
     for _ in range(cfg.steps):
         if len(order) < size:
