@@ -121,7 +121,7 @@ class SynthesizeConfig(_Section):
 
 class FamilyProtocol(_Section):
     """How the evaluator trains one learner family; a field left None follows ``evaluate``'s own
-    (``lr``, ``steps``, ``warmup_ratio``, ``train_top_layers``) or ``learner.pooling``."""
+    (``lr``, ``steps``, ``warmup_ratio``, ``train_top_layers``, ``body_fraction``) or ``learner.pooling``."""
 
     lr: float | None = Field(None, gt=0.0)
     steps: int | None = Field(None, ge=1)
@@ -173,7 +173,7 @@ class EvaluateConfig(_Section):
     )
     full_data_steps: int = Field(500, ge=1, description="learner steps of the full-data row (batch: batch_size; otherwise the sets' protocol)")
     full_data_seeds: int = Field(1, ge=1, description="learner seeds of the full-data row")
-    # One protocol per learner family (evaluation.learners.family_of): what a family sets replaces
+    # One protocol per learner family (evaluation.learners.family_config): what a family sets replaces
     # the fields above for its learners; the encoder family (MiniLM, BERT) uses them as they are.
     encoder: FamilyProtocol = FamilyProtocol()
     decoder: DecoderProtocol = DecoderProtocol()

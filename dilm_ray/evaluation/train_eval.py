@@ -46,12 +46,13 @@ def train_learner(learner: Learner, train: TextSet, cfg: EvaluateConfig, seed: i
         if len(order) < size:
             order = np.concatenate([order, rng.permutation(len(train))])
         idx, order = order[:size], order[size:]
+        rows = torch.as_tensor(idx, device=learner.device)
         if probe:
-            logits = model.head(model.dropout(features[torch.as_tensor(idx, device=learner.device)]))
+            logits = model.head(model.dropout(features[rows]))
         else:
             with autocast(precision, learner.device):
                 logits = model(**learner.batch(train.select(idx))).float()
-        loss = F.cross_entropy(logits, labels[torch.as_tensor(idx, device=learner.device)])
+        loss = F.cross_entropy(logits, labels[rows])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
