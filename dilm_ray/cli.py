@@ -108,7 +108,8 @@ def distill(cfg: Config, resume: bool) -> None:
 
 
 @main.command()
-@click.option("--generator", "which", type=click.Choice(["dilm", "lm_only"]), default="dilm", help="which stage's generator writes the sets")
+@click.option("--generator", "which", type=click.Choice(["dilm", "dilm_filtered", "lm_only"]), default="dilm",
+              help="which generator writes the sets; dilm_filtered: DiLM's, after the label-consistency filter (beyond the paper)")
 @_command
 def synthesize(cfg: Config, which: str) -> None:
     """Stage 3: write distilled sets (DPC per class, K-centers over an over-sampled pool)."""

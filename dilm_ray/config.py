@@ -163,7 +163,10 @@ class EvaluateConfig(_Section):
     grad_clip: float = Field(1.0, gt=0.0)
     n_evals_per_dataset: int = Field(5, ge=1, description="learner seeds per distilled set")
     eval_batch_size: int = Field(128, ge=1)
-    baselines: list[Literal["random", "k_centers", "herding", "lm_only"]] = ["random", "k_centers", "herding", "lm_only"]
+    baselines: list[Literal["random", "k_centers", "herding", "lm_only", "dilm_filtered"]] = Field(
+        ["random", "k_centers", "herding", "lm_only"],
+        description="methods run beside DiLM; dilm_filtered: DiLM's sets after the label-consistency filter (beyond the paper)",
+    )
     learners: list[str] = Field([], description="learner architectures to evaluate (minilm-l6, smollm2-135m, scratch-transformer, tfidf-logreg, hub ids); empty: learner.model")
     parallel: bool = Field(True, description="fan runs out as Ray tasks (ray.cpus_per_eval_task each)")
     icl_shots_per_class: int | None = Field(None, ge=1, description="icl:<LM> learners: demonstrations per label drawn from a set; None: all its rows")

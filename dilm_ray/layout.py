@@ -6,7 +6,7 @@
 |---|---|
 | ``generator-lm/`` | stage 1: the LM-only generator (a ``from_pretrained`` folder, ``train_state.pt``, ``stage.json``) |
 | ``generator-dilm/`` | stage 2: the DiLM generator |
-| ``distilled/<method>/dpc<D>/set<i>/train.{jsonl,parquet}`` | stage 3 and the coresets: one distilled set (coresets also ``rows.jsonl``) |
+| ``distilled/<method>/dpc<D>/set<i>/train.{jsonl,parquet}`` | stage 3 and the coresets: one distilled set (coresets also ``rows.jsonl``, generated sets ``pool.jsonl``) |
 | ``distilled/<method>/preview.md`` | a few samples per label of set 0 |
 | ``results/`` | ``runs.csv`` (one row per evaluation run), ``table.{csv,md}``, plots |
 | ``cache/`` | train-row embeddings shared by stage 2 and the coresets |
@@ -21,11 +21,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-GENERATED = ("dilm", "lm_only")  # methods whose sets come from a generator
+# methods whose sets come from a generator; dilm_filtered: DiLM's sets selected after the
+# label-consistency filter (beyond the paper, ``synthesis.synthesize``)
+GENERATED = ("dilm", "dilm_filtered", "lm_only")
 CORESETS = ("random", "k_centers", "herding")  # real train rows picked by a rule
 METHODS = GENERATED + CORESETS
 SET_FILES = ("train.jsonl", "train.parquet")  # what a set folder may hold, preferred first
 ROWS_FILE = "rows.jsonl"  # a coreset's rows as indices into the loaded train split, one {"row": i} per line
+POOL_FILE = "pool.jsonl"  # a generated set's over-sampled pool, the rows its set was selected from
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ def discover_sets(root: Path) -> dict[tuple[str, int], list[Path]]:
 
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-NOT_SETS = (ROWS_FILE, "stage.json")  # files in set folders that are not sets
+NOT_SETS = (ROWS_FILE, POOL_FILE, "stage.json")  # files in set folders that are not sets
 
 
 def discover_data_files(root: Path) -> dict[str, list[Path]]:

@@ -11,6 +11,7 @@ predate ``stage.json`` count as done.
 | ``pretrain`` | | ``generator-lm/`` (stage 1, Ray Train) |
 | ``distill`` | pretrain | ``generator-dilm/`` (stage 2, Ray Train) |
 | ``synthesize_dilm`` | distill | ``distilled/dilm/dpc<D>/set<i>/`` (stage 3) |
+| ``synthesize_dilm_filtered`` | distill | ``distilled/dilm_filtered/...`` (stage 3 after the label-consistency filter) |
 | ``synthesize_lm_only`` | pretrain | ``distilled/lm_only/...`` (stage 3 from the stage-1 generator) |
 | ``coreset`` | | ``distilled/{random,k_centers,herding}/...`` |
 
@@ -31,7 +32,7 @@ from dilm_ray.data.card import write_card
 from dilm_ray.errors import UserError
 from dilm_ray.keys import content_key
 from dilm_ray.precision import key_parts
-from dilm_ray.layout import CORESETS, ROWS_FILE, RunLayout
+from dilm_ray.layout import CORESETS, POOL_FILE, ROWS_FILE, RunLayout
 from dilm_ray.provenance import commit
 from dilm_ray.timing import StageTimer
 from dilm_ray.tracking.mlflow_store import log_artifacts, tracking_uri
@@ -156,45 +157,75 @@ def _fit(stage: str) -> Callable[[Context], Path]:
     return run
 
 
-def synthesize_sets(ctx: Context, method: str) -> dict[int, list[Path]]:
-    """Distilled sets from the DiLM generator (``method="dilm"``) or the LM-only one (``"lm_only"``).
+GENERATOR_OF = {"dilm": "distill", "dilm_filtered": "distill", "lm_only": "pretrain"}  # the stage whose generator writes each method's sets
 
-    With ``ctx.resume`` the sets already on disk are kept and only the missing ones are made
-    (set i has its own seed, so it comes out the same); otherwise every set is made afresh.
+
+def synthesize_sets(ctx: Context, method: str) -> dict[int, list[Path]]:
+    """Distilled sets from the DiLM generator (``method="dilm"``), the same with the
+    label-consistency filter (``"dilm_filtered"``, beyond the paper) or the LM-only one (``"lm_only"``).
+
+    Each set folder keeps its over-sampled pool (``pool.jsonl``); ``dilm_filtered`` selects from
+    the pools of the ``dilm`` sets when they were made with the same settings (the same rows it
+    would sample), so the two methods differ only by the filter. With ``ctx.resume`` the sets
+    already on disk are kept and only the missing ones are made (set i has its own seed, so it
+    comes out the same); otherwise every set is made afresh.
     """
     from dilm_ray.evaluation.fidelity import label_fidelity, reference_classifier
     from dilm_ray.models.generator import build_generator
     from dilm_ray.models.learner import build_learner
-    from dilm_ray.synthesis import synthesize
+    from dilm_ray.synthesis import MadeSet, embedding_classifier, synthesize
     from dilm_ray.tracking.mlflow_store import log_metrics
+    from dilm_ray.train.embeddings import train_embeddings
 
     cfg, layout, task = ctx.cfg, ctx.layout, ctx.data.task
-    source = layout.generator_dilm if method == "dilm" else layout.generator_lm
+    source = layout.generator(GENERATOR_OF[method])
     gen = build_generator(cfg.generator, task, generator_source(source))
     learner = build_learner(cfg.learner, task.num_labels, cfg.seed)
     written: dict[int, list[Path]] = {}
     previews = []
     made_by = {"method": method, "generator": f"{cfg.generator.model} -> {source.name}", "learner": cfg.learner.model, "seed": cfg.seed, "commit": commit()}
     reference = reference_classifier(ctx.data.train, cfg.seed)  # label fidelity of every set made
+    label_filter, reuse_pools = None, False
+    if method == "dilm_filtered":
+        label_filter = embedding_classifier(train_embeddings(layout.cache, ctx.data.train, learner, cfg.precision), ctx.data.train.labels, cfg.seed)
+        made_by["label_filter"] = f"logistic regression on {cfg.learner.model} embeddings of the {len(ctx.data.train)} train rows"
+        dilm_marker = layout.method_dir("dilm") / STAGE_FILE
+        if dilm_marker.is_file() and json.loads(dilm_marker.read_text()).get("key") == BY_NAME["synthesize_dilm"].key(cfg):
+            reuse_pools = True
     for dpc in cfg.synthesize.dpc:
         written[dpc] = [layout.set_dir(method, dpc, i) / "train.jsonl" for i in range(cfg.synthesize.n_datasets)]
         todo = [i for i, path in enumerate(written[dpc]) if not (ctx.resume and path.is_file())]
+        consistent: list[float] = []
 
-        def save(i: int, subset: TextSet, dpc: int = dpc) -> None:
-            folder = layout.set_dir(method, dpc, i)
-            subset.save(folder)
-            fidelity = label_fidelity(reference, [subset], task.num_labels).overall
-            write_card(folder, task, {**made_by, "dpc": dpc, "set_index": i, "rows": len(subset), "label_fidelity": round(fidelity, 4)})
+        def save(made: MadeSet, dpc: int = dpc) -> None:
+            folder = layout.set_dir(method, dpc, made.index)
+            made.subset.save(folder)
+            (folder / POOL_FILE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in made.pool.to_records()))
+            fidelity = label_fidelity(reference, [made.subset], task.num_labels).overall
+            card = {**made_by, "dpc": dpc, "set_index": made.index, "rows": len(made.subset), "pool_rows": len(made.pool), "label_fidelity": round(fidelity, 4)}
+            if made.consistent is not None:
+                consistent.append(made.consistent / len(made.pool))
+                card["label_filter_consistent"] = round(consistent[-1], 4)
+            write_card(folder, task, card)
 
-        _, dropped = synthesize(gen, learner, cfg.synthesize, cfg.generator, dpc, cfg.seed, indices=todo, on_set=save, precision=cfg.precision)
+        _, dropped = synthesize(
+            gen, learner, cfg.synthesize, cfg.generator, dpc, cfg.seed, indices=todo, on_set=save, precision=cfg.precision,
+            label_filter=label_filter, pools=(lambda i, dpc=dpc: _load_pool(layout.set_dir("dilm", dpc, i), task)) if reuse_pools else None,
+        )
         fidelity = label_fidelity(reference, [load_file(p, task) for p in written[dpc]], task.num_labels)
+        filtered = f"; the label filter judged {100 * sum(consistent) / len(consistent):.1f}% of pool rows consistent" if consistent else ""
         print(f"{method} dpc={dpc}: {len(todo)} sets made, {len(written[dpc]) - len(todo)} kept, {dropped} malformed samples dropped and regenerated; "
-              f"label fidelity {fidelity.text()}%")
+              f"label fidelity {fidelity.text()}%{filtered}")
         log_metrics(ctx.run_id, {f"synthesize.label_fidelity.{method}.dpc{dpc}": fidelity.overall})
         previews.append(preview(load_file(written[dpc][0], task), task, f"{method}, DPC {dpc}, set 0"))
     (layout.method_dir(method) / "preview.md").write_text("\n\n".join(previews) + "\n")
     log_artifacts(ctx.run_id, [layout.method_dir(method)], f"distilled/{method}")
     return written
+
+
+def _load_pool(folder: Path, task: TaskSpec) -> TextSet | None:
+    """The pool a generated set was selected from, or None when the folder has none."""
+    return load_file(folder / POOL_FILE, task) if (folder / POOL_FILE).is_file() else None
 
 
 def preview(data: TextSet, task: TaskSpec, title: str, per_label: int = 5) -> str:
@@ -248,6 +279,12 @@ STAGES: tuple[Stage, ...] = (
         lambda ctx: [ctx.layout.method_dir("dilm")] if "dilm" in ctx.methods else [],
         lambda ctx: set_files(ctx, ["dilm"]) if "dilm" in ctx.methods else [],
         _synthesize_key(_distill_key), lambda ctx: synthesize_sets(ctx, "dilm"), makes_sets=True,
+    ),
+    Stage(
+        "synthesize_dilm_filtered", ("distill",),
+        lambda ctx: [ctx.layout.method_dir("dilm_filtered")] if "dilm_filtered" in ctx.methods else [],
+        lambda ctx: set_files(ctx, ["dilm_filtered"]) if "dilm_filtered" in ctx.methods else [],
+        _synthesize_key(_distill_key), lambda ctx: synthesize_sets(ctx, "dilm_filtered"), makes_sets=True,
     ),
     Stage(
         "synthesize_lm_only", ("pretrain",),

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dilm_ray.algorithm.selection import herding, k_centers, random_subset
+from dilm_ray.algorithm.selection import herding, k_centers, label_consistent, random_subset
 from dilm_ray.config import GeneratorConfig, SynthesizeConfig
 from dilm_ray.data.dataset import TextSet
 from dilm_ray.models.generator import Generator
@@ -43,28 +44,79 @@ def coreset(train: TextSet, embeddings: torch.Tensor, dpc: int, method: str, see
     return train.select(rows), rows
 
 
+LabelFilter = Callable[[torch.Tensor], torch.Tensor]  # learner embeddings [n, hidden] -> class probabilities [n, labels]
+
+
+def embedding_classifier(embeddings: torch.Tensor, labels: np.ndarray, seed: int) -> LabelFilter:
+    """The reference classifier of the label-consistency filter: logistic regression
+    (scikit-learn) on the learner's frozen embeddings of the real train rows.
+
+    ``embeddings``: float [n, hidden] (``train_embeddings``); ``labels``: int [n]. Returns
+    ``proba(embeddings [m, hidden]) -> float32 [m, num_labels]``. Features are standardised
+    first (pooled embeddings are not unit-scale). It is another model family than the TF-IDF
+    classifier that measures label fidelity (``evaluation.fidelity``), so the filter cannot
+    grade its own work, and it costs nothing extra: stage 2 and the K-centers coresets cache
+    the same embeddings. Raises ValueError (scikit-learn) when ``labels`` has one class.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.1, random_state=seed))
+    clf.fit(embeddings.float().numpy(), np.asarray(labels))
+    return lambda x: torch.from_numpy(clf.predict_proba(x.float().numpy())).float()
+
+
+@dataclass(frozen=True)
+class MadeSet:
+    """One distilled set as ``synthesize`` makes it: ``subset`` (DPC rows per label) was selected
+    from ``pool`` (the over-sampled generations); ``consistent`` is how many pool rows the label
+    filter judged to follow their label (None without a filter)."""
+
+    index: int
+    subset: TextSet
+    pool: TextSet
+    consistent: int | None = None
+
+
 def synthesize(
     gen: Generator, learner: Learner, cfg: SynthesizeConfig, gen_cfg: GeneratorConfig, dpc: int, seed: int,
-    indices: Sequence[int] | None = None, progress: bool = True, on_set: Callable[[int, TextSet], None] | None = None,
-    precision: str = "fp32",
+    indices: Sequence[int] | None = None, progress: bool = True, on_set: Callable[[MadeSet], None] | None = None,
+    precision: str = "fp32", label_filter: LabelFilter | None = None, pools: Callable[[int], TextSet | None] | None = None,
 ) -> tuple[list[TextSet], int]:
     """DiLM stage 3 (Sec. 3.3): sets ``indices`` (default: all ``cfg.n_datasets``): generate
     dpc x over_sample_ratio per class, keep dpc by K-centers (or at random) on learner embeddings. Each set draws from its own
-    seed, so set i is the same whether or not the others are made. ``on_set(i, set)`` runs as each
+    seed, so set i is the same whether or not the others are made. ``on_set(MadeSet)`` runs as each
     set is made (to save it before the next: a set can take minutes). Returns (sets, malformed
     samples dropped). Sampling and embedding run under ``precision`` (bf16: the generator, only
-    sampled here, is frozen and held in bf16, its KV cache too)."""
+    sampled here, is frozen and held in bf16, its KV cache too).
+
+    ``label_filter`` (beyond the paper): before selection, drop pool rows whose reference label
+    (``argmax label_filter(embeddings)``) is not the label they were generated for
+    (``algorithm.selection.label_consistent``, topped up to DPC per label). ``pools(i)`` may
+    return set i's pool made earlier (the same seed and generator: the same rows) instead of
+    sampling it again, so sets with and without the filter are selected from one pool.
+    """
     gen.model.requires_grad_(False)
     prepare(gen.model, precision, gen.device)
     prepare(learner.model.body, precision, learner.device)
     sets, dropped = [], 0
     for i in tqdm(range(cfg.n_datasets) if indices is None else indices, desc=f"synthesize dpc={dpc}", disable=not progress):
         rng = torch.Generator().manual_seed(seed * 1_000_003 + dpc * 1009 + i)
+        pool = pools(i) if pools else None
         with autocast(precision, gen.device):
-            pool, d = gen.generate_all(dpc * cfg.over_sample_ratio, gen_cfg, rng, cfg.max_attempts)
+            if pool is None:
+                pool, d = gen.generate_all(dpc * cfg.over_sample_ratio, gen_cfg, rng, cfg.max_attempts)
+                dropped += d
             embeddings = learner.embed(pool)
-        dropped += d
-        sets.append(coreset(pool, embeddings, dpc, cfg.select, seed=i)[0])
+        candidates, consistent = np.arange(len(pool)), None
+        if label_filter is not None:
+            labels = torch.as_tensor(pool.labels)
+            proba = label_filter(embeddings)
+            consistent = int((proba.argmax(1) == labels).sum())
+            candidates = label_consistent(labels, proba, dpc).numpy()
+        chosen = select_per_class(embeddings[torch.as_tensor(candidates)], pool.labels[candidates], dpc, cfg.select, seed=i)
+        sets.append(pool.select(candidates[chosen]))
         if on_set:
-            on_set(i, sets[-1])
+            on_set(MadeSet(i, sets[-1], pool, consistent))
     return sets, dropped

@@ -22,13 +22,14 @@ def test_stages_chain_through_the_cli(tiny_overrides, tmp_path):
     assert "LM-only generator saved to" in _invoke(["pretrain", *cfg])
     assert "DiLM generator saved to" in _invoke(["distill", *cfg])
     assert "dpc=2: 2 sets under" in _invoke(["synthesize", *cfg])
+    assert "label filter judged" in _invoke(["synthesize", *cfg, "--generator", "dilm_filtered"])
     _invoke(["synthesize", *cfg, "--generator", "lm_only"])
     _invoke(["coreset", *cfg, "--method", "random", "--method", "herding"])
     out = _invoke(["evaluate", *cfg])
-    for method in ("dilm", "lm_only", "random", "herding"):
+    for method in ("dilm", "dilm_filtered", "lm_only", "random", "herding"):
         assert f"| {method} |" in out
     runs = pd.read_csv(tmp_path / "runs" / "t" / "results" / "runs.csv")
-    assert len(runs) == 4 * 2  # 4 methods x (2 sets x 1 seed); herding's single set is run twice
+    assert len(runs) == 5 * 2  # 5 methods x (2 sets x 1 seed); herding's single set is run twice
     # every set folder is a dataset with a card: what made it and, once evaluated, its score
     import datasets
 
@@ -43,6 +44,17 @@ def test_stages_chain_through_the_cli(tiny_overrides, tmp_path):
     loaded = datasets.load_dataset(str(folder))["train"]
     assert loaded.features["label"].names == ["negative", "positive"] and len(loaded) == 4
     assert read_card(tmp_path / "runs" / "t" / "distilled" / "herding" / "dpc2" / "set0")["method"] == "herding"
+    # the filtered DiLM sets are selected from the DiLM sets' own pools (one pool, two selections)
+    filtered = tmp_path / "runs" / "t" / "distilled" / "dilm_filtered" / "dpc2" / "set0"
+    assert (filtered / "pool.jsonl").read_text() == (folder / "pool.jsonl").read_text()
+    import json
+
+    def rows(path):
+        return {json.dumps(json.loads(line), sort_keys=True) for line in path.read_text().splitlines()}
+
+    pool_rows = rows(folder / "pool.jsonl")
+    assert rows(filtered / "train.jsonl") <= pool_rows and rows(folder / "train.jsonl") <= pool_rows
+    assert 0 <= read_card(filtered)["label_filter_consistent"] <= 1 and read_card(filtered)["pool_rows"] == len(pool_rows)
     # label fidelity: the card's is the reference classifier's agreement on that set; the table
     # gives it per generated group and leaves coresets blank
     from dilm_ray.config import load_config

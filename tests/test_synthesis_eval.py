@@ -59,8 +59,46 @@ def test_each_set_is_handed_over_before_the_next_is_made(tiny_lm_dir, tiny_bert_
     monkeypatch.setattr(gen, "generate_all", dies_on_second_pool)
     with pytest.raises(KeyboardInterrupt):
         synthesize(gen, learner, SynthesizeConfig(n_datasets=2, over_sample_ratio=3), GeneratorConfig(max_length=10), dpc=3, seed=0,
-                   progress=False, on_set=lambda i, s: saved.append((i, s)))
+                   progress=False, on_set=lambda made: saved.append((made.index, made.subset)))
     assert [i for i, _ in saved] == [0] and saved[0][1].counts(2) == [3, 3]
+
+
+def test_label_consistent_keeps_agreeing_rows_and_tops_up_a_short_label():
+    from dilm_ray.algorithm.selection import label_consistent
+
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    # reference: row 1 looks positive; rows 3 and 4 look negative (row 4 less so)
+    proba = torch.tensor([[0.9, 0.1], [0.3, 0.7], [0.8, 0.2], [0.8, 0.2], [0.6, 0.4], [0.1, 0.9]])
+    assert label_consistent(labels, proba, 2).tolist() == [0, 2, 4, 5]  # label 1 topped up with row 4
+    assert label_consistent(labels, proba, 1).tolist() == [0, 2, 5]
+    assert label_consistent(labels, proba, 3).tolist() == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="proba"):
+        label_consistent(labels, proba[:4], 2)
+
+
+def test_label_filter_selects_from_a_given_pool_only_rows_that_follow_their_label(tiny_lm_dir, tiny_bert_dir, monkeypatch):
+    from dilm_ray.data.dataset import TextSet
+
+    gen = build_generator(GeneratorConfig(model=str(tiny_lm_dir), max_length=10), SST2)
+    learner = build_learner(LearnerConfig(model=str(tiny_bert_dir), max_length=16), 2, seed=0)
+    monkeypatch.setattr(gen, "generate_all", lambda *a: pytest.fail("a given pool must not be sampled again"))
+    pool = TextSet(("sentence",), tuple((f"row {i}",) for i in range(12)), np.array([0] * 6 + [1] * 6))
+    follows = np.array([1, 0, 1, 0, 1, 1, 0, 1, 1, 0, 1, 0], dtype=bool)  # 4 of label 0 and 3 of label 1 follow
+
+    def reference(embeddings):
+        assert embeddings.shape == (12, learner.model.head.in_features)
+        right = torch.as_tensor(np.where(follows, pool.labels, 1 - pool.labels))
+        return torch.nn.functional.one_hot(right, 2).float()
+
+    made = []
+    cfg = SynthesizeConfig(n_datasets=1, over_sample_ratio=4)
+    (subset,), _ = synthesize(gen, learner, cfg, GeneratorConfig(max_length=10), dpc=3, seed=0, progress=False,
+                              label_filter=reference, pools=lambda i: pool, on_set=made.append)
+    kept = {int(t[0].split()[1]) for t in subset.texts}
+    assert subset.counts(2) == [3, 3] and all(follows[i] for i in kept)
+    assert made[0].pool is pool and made[0].consistent == 7
+    (unfiltered,), _ = synthesize(gen, learner, cfg, GeneratorConfig(max_length=10), dpc=3, seed=0, progress=False, pools=lambda i: pool)
+    assert unfiltered.counts(2) == [3, 3]
 
 
 def test_coreset_methods_pick_per_class():

@@ -103,3 +103,27 @@ def random_subset(n: int, k: int, seed: int) -> torch.Tensor:
     if not 1 <= k <= n:
         raise ValueError(f"random_subset needs 1 <= k <= n, got k={k}, n={n}")
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
+
+
+def label_consistent(labels: torch.Tensor, proba: torch.Tensor, min_per_label: int) -> torch.Tensor:
+    """Rows whose reference label is the label they were generated for (a label-consistency
+    filter, beyond the paper: DiLM Sec. 3.3 selects from the whole pool).
+
+    ``labels``: int64 [n], the label each row was generated for; ``proba``: float [n, num_labels],
+    a reference classifier's class probabilities of each row. Keeps row i when
+    ``argmax(proba[i]) == labels[i]``. A label left with fewer than ``min_per_label`` such rows is
+    topped up with its other rows in descending ``proba[i, label]`` (the rows the reference finds
+    least wrong), so every label still has ``min(min_per_label, rows)`` rows to select from.
+    Returns sorted int64 row indices. Raises ValueError when the shapes disagree.
+    """
+    if proba.ndim != 2 or labels.shape != proba.shape[:1]:
+        raise ValueError(f"label_consistent needs labels [n] and proba [n, L], got {tuple(labels.shape)} and {tuple(proba.shape)}")
+    consistent = proba.argmax(1) == labels
+    keep = [consistent.nonzero().flatten()]
+    for label in labels.unique().tolist():
+        rows = (labels == label).nonzero().flatten()
+        short = min(min_per_label, len(rows)) - int(consistent[rows].sum())
+        if short > 0:
+            others = rows[~consistent[rows]]
+            keep.append(others[proba[others, label].argsort(descending=True, stable=True)[:short]])
+    return torch.cat(keep).sort().values
