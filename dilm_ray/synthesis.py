@@ -47,13 +47,14 @@ def coreset(train: TextSet, embeddings: torch.Tensor, dpc: int, method: str, see
 LabelFilter = Callable[[torch.Tensor], torch.Tensor]  # learner embeddings [n, hidden] -> class probabilities [n, labels]
 
 
-def embedding_classifier(embeddings: torch.Tensor, labels: np.ndarray, seed: int) -> LabelFilter:
+def embedding_classifier(embeddings: torch.Tensor, labels: np.ndarray, seed: int, c: float = 0.1) -> LabelFilter:
     """The reference classifier of the label-consistency filter: logistic regression
     (scikit-learn) on the learner's frozen embeddings of the real train rows.
 
-    ``embeddings``: float [n, hidden] (``train_embeddings``); ``labels``: int [n]. Returns
-    ``proba(embeddings [m, hidden]) -> float32 [m, num_labels]``. Features are standardised
-    first (pooled embeddings are not unit-scale). It is another model family than the TF-IDF
+    ``embeddings``: float [n, hidden] (``train_embeddings``); ``labels``: int [n]; ``c``: inverse
+    L2 strength (chosen on held-out QQP train rows, ``benchmarks/label_filter.py``).
+    Returns ``proba(embeddings [m, hidden]) -> float32 [m, num_labels]``. Features are
+    standardised first (pooled embeddings are not unit-scale). It is another model family than the TF-IDF
     classifier that measures label fidelity (``evaluation.fidelity``), so the filter cannot
     grade its own work, and it costs nothing extra: stage 2 and the K-centers coresets cache
     the same embeddings. Raises ValueError (scikit-learn) when ``labels`` has one class.
@@ -62,7 +63,7 @@ def embedding_classifier(embeddings: torch.Tensor, labels: np.ndarray, seed: int
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.1, random_state=seed))
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=c, random_state=seed))
     clf.fit(embeddings.float().numpy(), np.asarray(labels))
     return lambda x: torch.from_numpy(clf.predict_proba(x.float().numpy())).float()
 
