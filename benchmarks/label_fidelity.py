@@ -10,6 +10,10 @@ Two uses:
     python benchmarks/label_fidelity.py configs/bench/sst2.yaml --steps 40 --init bos --init label_name
     # generators already trained (stage 1 or 2 folders)
     python benchmarks/label_fidelity.py configs/bench/sst2.yaml --generator runs/sst2-bench/generator-lm
+    # stage-1 generators trained N steps, one per set of dotted overrides ("" = the config's own)
+    python benchmarks/label_fidelity.py configs/bench/qqp.yaml --steps 480 --train "" --train "generator.train_top_layers=null generator.lora_rank=16"
+
+Generators trained here run in the config's precision (``precision``), in this process (no Ray).
 """
 
 from __future__ import annotations
@@ -39,15 +43,18 @@ def fidelity(cfg: Config, gen, predict, per_label: int) -> tuple[float, list[flo
 @click.argument("overrides", nargs=-1)
 @click.option("--generator", "generators", multiple=True, help="a trained generator folder to measure (repeatable)")
 @click.option("--init", "inits", multiple=True, type=click.Choice(["label_name", "bos"]), help="train a stage-1 generator from the packaged model with this label-token init")
-@click.option("--steps", type=int, default=40, show_default=True, help="LM steps for --init generators")
+@click.option("--train", "trains", multiple=True, help="train a stage-1 generator from the config with these space-separated dotted overrides (repeatable; \"\" for none)")
+@click.option("--steps", type=int, default=40, show_default=True, help="LM steps for --init and --train generators")
 @click.option("--per-label", type=int, default=100, show_default=True)
-def main(config: str, overrides: tuple[str, ...], generators, inits, steps: int, per_label: int) -> None:
+def main(config: str, overrides: tuple[str, ...], generators, inits, trains, steps: int, per_label: int) -> None:
     import sys
 
     from dilm_ray.models.generator import build_generator
     from dilm_ray.data import load_data
     from dilm_ray.seeding import setup_torch
+    from dilm_ray.precision import resolve
     from dilm_ray.train.pretrain import pretrain
+    from dilm_ray.train.runtime import Runtime
 
     try:
         cfg = load_config(config, list(overrides))
@@ -57,19 +64,24 @@ def main(config: str, overrides: tuple[str, ...], generators, inits, steps: int,
         ceiling = float((predict(data.validation) == data.validation.labels).mean())
         click.echo(f"reference classifier: {100 * ceiling:.1f}% on {len(data.validation)} real validation rows")
         click.echo("| generator | LM steps | final LM loss | fidelity % | per label % | seconds |\n|---|---|---|---|---|---|")
-        rows = [(g, None) for g in generators] + [(None, i) for i in inits]
-        for source, init in rows:
+        runtime = Runtime(precision=resolve(cfg.precision, cfg.ray.use_gpu))
+        rows = [(g, None) for g in generators]
+        rows += [(None, f"generator.label_init={i}") for i in inits] + [(None, t) for t in trains]
+        for source, train_overrides in rows:
             start, loss = time.perf_counter(), float("nan")
-            if init is None:
+            if train_overrides is None:
                 gen, name, n = build_generator(cfg.generator, data.task, source), source, "-"
             else:
-                gen_cfg = cfg.generator.model_copy(update={"label_init": init})
-                gen, name, n = build_generator(gen_cfg, data.task), f"{cfg.generator.model}, label_init={init}", steps
-                pretrain_cfg = cfg.pretrain.model_copy(update={"steps": steps, "log_every": steps})
+                run_cfg = load_config(config, [*overrides, *train_overrides.split()])
+                setup_torch(run_cfg)
+                gen_cfg = run_cfg.generator
+                gen, name, n = build_generator(gen_cfg, data.task), f"{gen_cfg.model} {train_overrides}".strip(), steps
+                pretrain_cfg = run_cfg.pretrain.model_copy(update={"steps": steps, "log_every": steps})
                 losses = []
-                pretrain(gen, data.train, pretrain_cfg, gen_cfg, cfg.seed, logger=_Collect(losses))
+                pretrain(gen, data.train, pretrain_cfg, gen_cfg, run_cfg.seed, runtime, logger=_Collect(losses))
                 loss = losses[-1]
-            score, per, samples = fidelity(cfg, gen, predict, per_label)
+            with runtime.autocast():  # a generator trained here in bf16 holds its frozen layers in bf16
+                score, per, samples = fidelity(cfg, gen, predict, per_label)
             per_text = " / ".join(f"{name_}: {100 * p:.0f}" for name_, p in zip(data.task.label_names, per))
             click.echo(f"| {name} | {n} | {loss:.3f} | {100 * score:.1f} | {per_text} | {time.perf_counter() - start:.0f} |")
             for y, label in enumerate(data.task.label_names):

@@ -107,7 +107,7 @@ def stage2(cfg: Config, data, precision: str, repeats: int) -> dict:
     gen = build_generator(cfg.generator, data.task)
     learner = build_learner(cfg.learner, data.task.num_labels, cfg.seed)
     runtime = Runtime(precision=precision)
-    params = [p for p in set_trainable(gen, cfg.generator.train_top_layers, label_tokens=False) if p.requires_grad]
+    params = [p for p in set_trainable(gen, cfg.generator, label_tokens=False, seed=cfg.seed) if p.requires_grad]
     prepare(gen.model, precision)
     prepare(learner.model.body, precision)
     d, rng = cfg.distill, np.random.default_rng(cfg.seed)

@@ -53,6 +53,21 @@ class GeneratorConfig(_Section):
     sink_token: bool = Field(
         True, description="start each sample with the LM's own BOS so <bos_i> is not position 0, the attention sink"
     )
+    lora_rank: int | None = Field(
+        None, ge=1, description="stages 1-2 train rank-r LoRA adapters (PEFT) on every linear layer instead of whole blocks; needs train_top_layers: null"
+    )
+    lora_alpha: float | None = Field(None, gt=0.0, description="LoRA scale numerator (scale alpha / rank); None: 2 x lora_rank")
+
+    @model_validator(mode="after")
+    def _lora_or_top_layers(self) -> GeneratorConfig:
+        if self.lora_rank is not None and self.train_top_layers is not None:
+            raise ValueError(
+                f"generator.lora_rank={self.lora_rank} adapts every layer: set generator.train_top_layers to null "
+                f"(it is {self.train_top_layers})"
+            )
+        if self.lora_alpha is not None and self.lora_rank is None:
+            raise ValueError("generator.lora_alpha is set but generator.lora_rank is not")
+        return self
 
 
 class LearnerConfig(_Section):

@@ -100,8 +100,14 @@ def _data_key(cfg: Config) -> dict:
     return cfg.data.model_dump(mode="json", exclude={"path", "validation_split", "max_validation_samples", "dev_samples"})
 
 
+def _generator_key(cfg: Config) -> dict:
+    # the LoRA settings only when used: runs made before they existed keep their keys
+    lora = {k for k in ("lora_rank", "lora_alpha") if getattr(cfg.generator, k) is None}
+    return cfg.generator.model_dump(mode="json", exclude=lora)
+
+
 def _pretrain_key(cfg: Config) -> str:
-    return content_key(_data_key(cfg), cfg.generator.model_dump(mode="json"), cfg.pretrain.model_dump(mode="json", exclude={"log_every", "checkpoint_every"}), cfg.seed, cfg.ray.num_workers, *key_parts(cfg.precision))
+    return content_key(_data_key(cfg), _generator_key(cfg), cfg.pretrain.model_dump(mode="json", exclude={"log_every", "checkpoint_every"}), cfg.seed, cfg.ray.num_workers, *key_parts(cfg.precision))
 
 
 def _distill_key(cfg: Config) -> str:

@@ -139,7 +139,7 @@ def test_top_layers_only_and_label_rows(gen, tmp_path):
     batch = TextSet(("sentence",), (("good movie",), ("bad film",)), np.array([1, 0]))
     with torch.no_grad():
         plain = gen.lm_losses(batch)
-    params = set_trainable(gen, top_layers=1, label_tokens=True)
+    params = set_trainable(gen, GeneratorConfig(train_top_layers=1), label_tokens=True)
     layers = gen.model.model.layers
     assert all(not p.requires_grad for p in layers[0].parameters())
     assert all(p.requires_grad for p in layers[-1].parameters())
@@ -211,3 +211,87 @@ def test_banned_tokens_depend_on_the_task_and_never_include_eos(tiny_lm_dir):
     assert set(pair.banned_ids) == {*pair.prefix, *pair.bos_ids}  # pairs need <sep>
     gpt2_like = dataclasses.replace(pair, prefix=(pair.eos_id,))  # BOS is EOS in GPT-2
     assert pair.eos_id not in gpt2_like.banned_ids
+
+
+LORA = GeneratorConfig(lora_rank=4)
+
+
+def _lora_names(gen):
+    return sorted(n for n, p in gen.model.named_parameters() if p.requires_grad and ".lora_" in n)
+
+
+def test_lora_adapts_every_block_and_saves_merged(gen, tiny_lm_dir, tmp_path):
+    batch = TextSet(("sentence",), (("good movie",), ("bad film",)), np.array([1, 0]))
+    with torch.no_grad():
+        plain = gen.lm_losses(batch)
+    params = set_trainable(gen, LORA, label_tokens=True, seed=0)
+    names = _lora_names(gen)
+    n_layers = len(gen.model.model.layers)
+    # every block's linear layers (attention q/k/v/o, MLP gate/up/down), A and B each; not the head
+    assert len(names) == 2 * 7 * n_layers and not any("lm_head" in n for n in names)
+    trained = {id(p) for p in params}
+    assert all((id(p) in trained) == (".lora_" in n) for n, p in gen.model.named_parameters())
+    assert any(p is gen.label_rows for p in params)
+    with torch.no_grad():
+        assert torch.allclose(gen.lm_losses(batch), plain)  # B starts at 0: the LM is unchanged
+        for n, p in gen.model.named_parameters():
+            if ".lora_B" in n:
+                p.add_(0.05 * torch.randn_like(p))  # an optimizer step
+        adapted = gen.lm_losses(batch)
+    assert not torch.allclose(adapted, plain)
+    gen.save(tmp_path)
+    # the folder is a plain checkpoint of the base architecture computing what the adapted LM did
+    again = build_generator(GeneratorConfig(max_length=12), SST2, str(tmp_path))
+    assert not again.adapted and not any(".lora_" in n or "base_layer" in n for n, _ in again.model.named_parameters())
+    with torch.no_grad():
+        assert torch.allclose(again.lm_losses(batch), adapted, atol=1e-5)
+
+
+def test_lora_resumes_from_a_merged_checkpoint_and_starts_alike_on_every_rank(tiny_lm_dir, toy_data_dir, tmp_path):
+    from dilm_ray.config import DataConfig
+    from dilm_ray.data import load_split, resolve_task
+    from dilm_ray.train.state import TrainState
+
+    data = DataConfig(path=str(toy_data_dir))
+    train = load_split(data, resolve_task(data), "train")
+    cfg = GeneratorConfig(model=str(tiny_lm_dir), max_length=12, lora_rank=4)
+    run = PretrainConfig(steps=6, batch_size=8, lr=1e-2, warmup_ratio=0.0, log_every=3)
+
+    whole = build_generator(cfg, SST2)
+    torch.manual_seed(1)  # the global RNG differs between the two runs (ranks offset it): adapters must not
+    pretrain(whole, train, run, cfg, seed=0)
+
+    first = build_generator(cfg, SST2)
+    torch.manual_seed(2)
+    saved = {}
+
+    class Killed(Exception):
+        pass
+
+    def checkpoint(state, metrics):
+        if state.step == 3:  # checkpoint, then the worker dies
+            first.save(tmp_path / "generator")
+            state.save(tmp_path / "state.pt")
+            saved["adapter"] = {k: v.clone() for k, v in first.adapter_state().items()}
+            raise Killed
+
+    with pytest.raises(Killed):
+        pretrain(first, train, run, cfg, seed=0, on_step=checkpoint)
+    state = TrainState.load(tmp_path / "state.pt")
+    assert set(state.extra["adapter"]) == set(saved["adapter"])
+    resumed = build_generator(cfg, SST2, str(tmp_path / "generator"))
+    pretrain(resumed, train, run, cfg, seed=0, state=state)
+    batch = train.select(range(16))
+    with torch.no_grad():
+        assert torch.allclose(resumed.lm_losses(batch), whole.lm_losses(batch), atol=1e-4)
+    for (n, a), (m, b) in zip(sorted(resumed.adapter_state().items()), sorted(whole.adapter_state().items())):
+        assert n == m and torch.allclose(a, b, atol=1e-5)
+
+
+def test_lora_excludes_train_top_layers():
+    from dilm_ray.config import load_config
+    from dilm_ray.errors import UserError
+
+    with pytest.raises(UserError, match="generator.train_top_layers to null"):
+        load_config(None, ["generator.lora_rank=8", "generator.train_top_layers=8"])
+    assert load_config(None, ["generator.lora_rank=8"]).generator.lora_rank == 8

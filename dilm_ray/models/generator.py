@@ -47,6 +47,7 @@ class Generator:
     pad_id: int
     prefix: tuple[int, ...] = ()  # the attention-sink token before the label token (see build_generator)
     label_rows: nn.Parameter | None = None  # set by ``train_label_rows``: the label-token rows being trained
+    adapted: bool = False  # set by ``add_lora``: the linear layers carry LoRA adapters
 
     # ---- encoding -------------------------------------------------------------------
     def prompt(self, label: int) -> list[int]:
@@ -218,17 +219,98 @@ class Generator:
         self.label_rows = rows
         return rows
 
+    # ---- low-rank adapters ---------------------------------------------------------------
+    def add_lora(self, rank: int, alpha: float | None, seed: int, resume: dict[str, torch.Tensor] | None = None) -> list[nn.Parameter]:
+        """Freeze the LM and put rank-``rank`` LoRA adapters (PEFT) on every linear layer of its blocks; returns their parameters.
+
+        Each adapted weight W [out, in] computes with W + (alpha / rank) B A, A [rank, in] drawn
+        from ``seed`` alone and B [out, rank] zero, so the LM is unchanged until the first step.
+        Why ``seed`` and not the global RNG: that one is offset by rank, and data-parallel workers
+        must start from the same adapters for averaged gradients to keep them equal. The output
+        head (tied to the input embeddings in SmolLM2 and GPT-2) is not adapted. Adapters are
+        fp32 like every trained parameter; ``alpha`` None means 2 x ``rank``.
+
+        ``resume``: an ``adapter_state()`` taken when the checkpoint this generator was loaded
+        from was ``save``d. ``save`` merges the adapters into the weights, so their delta is
+        subtracted back from those weights and the adapters take the saved values: the resumed
+        LM computes what the saved one did. Call before ``precision.prepare`` (the weights are
+        still fp32 then).
+
+        Beyond DiLM (which fine-tunes all of GPT-2): LoRA, Hu et al. 2022. Raises RuntimeError
+        when the generator already has adapters and ValueError when ``resume`` does not name
+        exactly the adapter parameters.
+        """
+        from peft import LoraConfig, inject_adapter_in_model
+
+        if self.adapted:
+            raise RuntimeError("the generator already has LoRA adapters")
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules="all-linear", lora_dropout=0.0, bias="none")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            inject_adapter_in_model(config, self.model)
+        self.adapted = True
+        params = dict((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
+        if resume is not None:
+            if set(resume) != set(params):
+                raise ValueError(f"adapter state names {len(set(resume) ^ set(params))} parameters this generator's adapters do not have")
+            with torch.no_grad():
+                for name, value in resume.items():
+                    params[name].copy_(value)
+                for layer in _lora_layers(self.model):
+                    weight = layer.get_base_layer().weight
+                    weight -= layer.get_delta_weight("default").to(weight.dtype)
+        return list(params.values())
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The adapter parameters by name (live tensors, not copies); empty without ``add_lora``."""
+        if not self.adapted:
+            return {}
+        return {n: p.detach() for n, p in self.model.named_parameters() if ".lora_" in n}
+
     def save(self, directory) -> None:
         """Write the LM (safetensors) and the tokenizer, added tokens included, to ``directory``.
 
         Trained label rows (``train_label_rows``) are copied into the embedding first; a table
-        held in bf16 (``precision.hold_frozen``) is saved as it is held."""
+        held in bf16 (``precision.hold_frozen``) is saved as it is held. LoRA adapters
+        (``add_lora``) are merged: each adapted weight is written as W + (alpha / rank) B A in
+        fp32 under its plain name, so the folder is an ordinary checkpoint of the base
+        architecture (later stages and ``build_generator`` load it as any other); the model in
+        memory keeps its adapters unmerged."""
         if self.label_rows is not None:
             embedding = self.model.get_input_embeddings()
             with torch.no_grad():
                 embedding.weight[self.bos_ids] = self.label_rows.detach().to(embedding.weight.dtype)
-        self.model.save_pretrained(str(directory), safe_serialization=True)
+        state = merged_state_dict(self.model) if self.adapted else None
+        self.model.save_pretrained(str(directory), safe_serialization=True, state_dict=state)
         self.tokenizer.save_pretrained(str(directory))
+
+
+def _lora_layers(model: nn.Module) -> list[nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with its LoRA adapters merged: names of the unadapted model, each
+    adapted weight W + delta in fp32 (a delta added to a bf16-held W would mostly round away),
+    other tensors as held. Tied tensors stay one tensor."""
+    adapted = {id(m) for m in _lora_layers(model)}
+    merged = {}
+    for name, module in model.named_modules():
+        if id(module) in adapted:
+            base = module.get_base_layer()
+            merged[f"{name}.weight"] = base.weight.float() + module.get_delta_weight("default").float()
+    out = {}
+    for key, value in model.state_dict().items():
+        if ".lora_" in key:
+            continue
+        plain = key.replace(".base_layer.", ".")
+        out[plain] = merged.get(plain, value)
+    return out
 
 
 def sequence_nll(hidden: torch.Tensor, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, skip: int = 0) -> torch.Tensor:
@@ -311,19 +393,28 @@ def sample_tokens(
     return [s[: s.index(eos_id)] if eos_id in s else s for s in seqs]
 
 
-def set_trainable(gen: Generator, top_layers: int | None, label_tokens: bool) -> list[nn.Parameter]:
-    """Freeze all but the top ``top_layers`` blocks and the final norm; optionally train the label-token rows.
+def set_trainable(
+    gen: Generator, cfg: GeneratorConfig, label_tokens: bool, seed: int = 0, adapter: dict[str, torch.Tensor] | None = None
+) -> list[nn.Parameter]:
+    """Choose what trains: LoRA adapters on every layer (``cfg.lora_rank``), else the top
+    ``cfg.train_top_layers`` blocks and the final norm, else every parameter; optionally the
+    label-token rows too.
 
     The label BOS rows of the (possibly tied) embedding train as their own parameter
-    (``Generator.train_label_rows``), so the rest of the vocabulary stays as pre-trained.
+    (``Generator.train_label_rows``), so the rest of the vocabulary stays as pre-trained. With
+    every parameter training (``lora_rank`` and ``train_top_layers`` None) they train with the
+    table and ``label_tokens`` has no effect. ``seed`` draws the adapters and ``adapter``
+    resumes them (``Generator.add_lora``).
 
-    ``top_layers=None`` trains every parameter (``label_tokens`` then has no effect). Returns the
-    parameters to optimise. Stage 1 (Sec. 3.1) trains the label tokens; stage 2 (Sec. 3.2) not.
-    Raises ValueError as ``blocks.transformer_blocks`` does.
+    Returns the parameters to optimise. Stage 1 (Sec. 3.1) trains the label tokens; stage 2
+    (Sec. 3.2) not. Raises ValueError as ``blocks.transformer_blocks`` and ``Generator.add_lora`` do.
     """
-    trainable = train_top_blocks(gen.model, top_layers)
-    if top_layers is None:
-        return trainable
+    if cfg.lora_rank is not None:
+        trainable = gen.add_lora(cfg.lora_rank, cfg.lora_alpha, seed, adapter)
+    else:
+        trainable = train_top_blocks(gen.model, cfg.train_top_layers)
+        if cfg.train_top_layers is None:
+            return trainable
     if label_tokens:
         rows = gen.train_label_rows()
         rows._dilm_no_decay = True  # embeddings take no weight decay

@@ -104,13 +104,17 @@ def distill(
     ``step == cfg.steps``. Raises RuntimeError when the generator cannot produce well-formed samples.
     """
     num_labels = gen.task.num_labels
+    # adapters drawn from the unoffset seed: every worker starts from the same ones
+    adapter = state.extra.get("adapter") if state else None
+    params = [p for p in set_trainable(gen, gen_cfg, label_tokens=False, seed=seed, adapter=adapter) if p.requires_grad]
     seed = seed + 1000 * runtime.rank
-    params = [p for p in set_trainable(gen, gen_cfg.train_top_layers, label_tokens=False) if p.requires_grad]
     prepare(gen.model, runtime.precision, runtime.device)
     prepare(learner.model.body, runtime.precision, runtime.device)
     optimizer = adamw(params, cfg.lr, cfg.weight_decay)
     scheduler = schedule(optimizer, "constant", cfg.steps, 0.0)
     state = state or TrainState(step=0, rng=np.random.default_rng(seed).bit_generator.state)
+    if gen.adapted:  # saved with every checkpoint: the generator folder holds the adapters merged
+        state.extra["adapter"] = gen.adapter_state()
     state.restore_optim(optimizer, scheduler)
     rng = np.random.default_rng()
     rng.bit_generator.state = state.rng

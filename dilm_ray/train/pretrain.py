@@ -34,16 +34,19 @@ def pretrain(
     ``state`` resumes a checkpointed run; ``on_step`` is called after every step (checkpointing).
 
     Loss: mean ``lm_losses`` (nats/token); AdamW with ``cfg.scheduler``, gradients averaged across
-    workers and clipped to ``cfg.grad_clip``; the top ``gen_cfg.train_top_layers`` blocks (all
-    parameters when None) and the label tokens train. Logs ``lm_loss`` (window mean over steps
+    workers and clipped to ``cfg.grad_clip``; what ``set_trainable`` chooses from ``gen_cfg``
+    (LoRA adapters, the top blocks or every parameter) and the label tokens train. A resumed
+    ``state`` carries the adapters (``extra["adapter"]``). Logs ``lm_loss`` (window mean over steps
     and workers) and ``lr`` every ``cfg.log_every`` steps. Returns the state with
     ``step == cfg.steps``. DiLM Sec. 3.1.
     """
-    params = set_trainable(gen, gen_cfg.train_top_layers, label_tokens=True)
+    params = set_trainable(gen, gen_cfg, label_tokens=True, seed=seed, adapter=state.extra.get("adapter") if state else None)
     prepare(gen.model, runtime.precision, runtime.device)
     optimizer = adamw(params, cfg.lr, cfg.weight_decay)
     scheduler = schedule(optimizer, cfg.scheduler, cfg.steps, cfg.warmup_ratio)
     state = state or TrainState(step=0, rng=np.random.default_rng(seed + runtime.rank).bit_generator.state)
+    if gen.adapted:  # saved with every checkpoint: the generator folder holds the adapters merged
+        state.extra["adapter"] = gen.adapter_state()
     state.restore_optim(optimizer, scheduler)
     rng = np.random.default_rng()
     rng.bit_generator.state = state.rng
