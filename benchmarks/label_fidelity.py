@@ -13,7 +13,9 @@ Two uses:
     # stage-1 generators trained N steps, one per set of dotted overrides ("" = the config's own)
     python benchmarks/label_fidelity.py configs/bench/qqp.yaml --steps 480 --train "" --train "generator.train_top_layers=null generator.lora_rank=16"
 
-Generators trained here run in the config's precision (``precision``), in this process (no Ray).
+Generators trained here run in the config's precision (``precision``), in this process (no Ray),
+and every row samples in it, as synthesis does (bf16: under autocast). Rows recorded before
+2026-12-03 sampled in fp32.
 """
 
 from __future__ import annotations

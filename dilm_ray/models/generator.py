@@ -223,8 +223,9 @@ class Generator:
     def add_lora(self, rank: int, alpha: float | None, seed: int, resume: dict[str, torch.Tensor] | None = None) -> list[nn.Parameter]:
         """Freeze the LM and put rank-``rank`` LoRA adapters (PEFT) on every linear layer of its blocks; returns their parameters.
 
-        Each adapted weight W [out, in] computes with W + (alpha / rank) B A, A [rank, in] drawn
-        from ``seed`` alone and B [out, rank] zero, so the LM is unchanged until the first step.
+        Each adapted weight W [out, in] (GPT-2's Conv1D: [in, out], transposed alike) computes
+        with W + (alpha / rank) B A, A [rank, in] drawn from ``seed`` alone and B [out, rank]
+        zero, so the LM is unchanged until the first step.
         Why ``seed`` and not the global RNG: that one is offset by rank, and data-parallel workers
         must start from the same adapters for averaged gradients to keep them equal. The output
         head (tied to the input embeddings in SmolLM2 and GPT-2) is not adapted. Adapters are
@@ -233,7 +234,7 @@ class Generator:
         ``resume``: an ``adapter_state()`` taken when the checkpoint this generator was loaded
         from was ``save``d. ``save`` merges the adapters into the weights, so their delta is
         subtracted back from those weights and the adapters take the saved values: the resumed
-        LM computes what the saved one did. Call before ``precision.prepare`` (the weights are
+        LM computes what the saved one did (to fp32 rounding; exactly once bf16 holds the weights). Call before ``precision.prepare`` (the weights are
         still fp32 then).
 
         Beyond DiLM (which fine-tunes all of GPT-2): LoRA, Hu et al. 2022. Raises RuntimeError
@@ -247,8 +248,10 @@ class Generator:
         for p in self.model.parameters():
             p.requires_grad_(False)
         config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules="all-linear", lora_dropout=0.0, bias="none")
+        # only the CPU generator, forked and restored (torch.manual_seed would also reseed CUDA
+        # for good): PEFT draws the adapters on CPU, then moves them to the layer's device
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             inject_adapter_in_model(config, self.model)
         self.adapted = True
         params = dict((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
@@ -296,8 +299,10 @@ def _lora_layers(model: nn.Module) -> list[nn.Module]:
 @torch.no_grad()
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` with its LoRA adapters merged: names of the unadapted model, each
-    adapted weight W + delta in fp32 (a delta added to a bf16-held W would mostly round away),
-    other tensors as held. Tied tensors stay one tensor."""
+    adapted weight W + delta in fp32 (added to a bf16-held W in bf16, every delta element under
+    half a bf16 step of its weight would be lost in the file), other tensors as held. Tied
+    tensors stay one tensor. A later stage run in bf16 holds these weights in bf16 (as it runs
+    every frozen weight), which is bf16 inference of the merged model."""
     adapted = {id(m) for m in _lora_layers(model)}
     merged = {}
     for name, module in model.named_modules():
