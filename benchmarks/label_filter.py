@@ -1,6 +1,6 @@
 """How well does the label filter's reference classifier label real rows? Prints measured numbers.
 
-The label-consistency filter (``dilm_ray.synthesis.embedding_classifier``, method
+The label-consistency filter (``dilm_ray.algorithm.selection.embedding_classifier``, method
 ``dilm_filtered``) is logistic regression on the learner's frozen embeddings of the train rows.
 This script fits it on the config's train rows for each ``--c`` and scores it on held-out
 **train** rows (``data.dev_samples``: rows outside the train rows, never the validation split),
@@ -34,7 +34,7 @@ def main(config: str, overrides: tuple[str, ...], dev_samples: int, cs: tuple[fl
     from dilm_ray.models.learner import build_learner
     from dilm_ray.precision import autocast, prepare
     from dilm_ray.seeding import setup_torch
-    from dilm_ray.synthesis import embedding_classifier
+    from dilm_ray.algorithm.selection import embedding_classifier
     from dilm_ray.train.embeddings import train_embeddings
 
     try:

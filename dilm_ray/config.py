@@ -110,6 +110,10 @@ class DistillConfig(_Section):
     lm_lambda: float = Field(0.0, ge=0.0, le=1.0, description="weight of the LM loss mixed into the matching loss")
     lm_batch_size: int = Field(64, ge=1)
     grad: Literal["head", "full"] = Field("head", description="learner gradient matched: classifier head or all parameters")
+    label_filter: bool = Field(
+        False,
+        description="beyond the paper: match only generated samples the label filter's reference classifier finds consistent with their label",
+    )
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(200, ge=1)
 

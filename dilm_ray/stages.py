@@ -111,7 +111,9 @@ def _pretrain_key(cfg: Config) -> str:
 
 
 def _distill_key(cfg: Config) -> str:
-    distill = cfg.distill.model_dump(mode="json", exclude={"log_every", "checkpoint_every"})
+    # the label filter only when on: runs made before it existed keep their keys
+    off = {"label_filter"} if not cfg.distill.label_filter else set()
+    distill = cfg.distill.model_dump(mode="json", exclude={"log_every", "checkpoint_every", *off})
     return content_key(_pretrain_key(cfg), cfg.learner.model_dump(mode="json"), distill)
 
 
@@ -179,7 +181,8 @@ def synthesize_sets(ctx: Context, method: str) -> dict[int, list[Path]]:
     from dilm_ray.evaluation.fidelity import label_fidelity, reference_classifier
     from dilm_ray.models.generator import build_generator
     from dilm_ray.models.learner import build_learner
-    from dilm_ray.synthesis import MadeSet, embedding_classifier, synthesize
+    from dilm_ray.algorithm.selection import embedding_classifier
+    from dilm_ray.synthesis import MadeSet, synthesize
     from dilm_ray.tracking.mlflow_store import log_metrics
     from dilm_ray.train.embeddings import train_embeddings
 

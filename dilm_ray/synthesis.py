@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dilm_ray.algorithm.selection import herding, k_centers, label_consistent, random_subset
+from dilm_ray.algorithm.selection import LabelFilter, herding, k_centers, label_consistent, random_subset
 from dilm_ray.config import GeneratorConfig, SynthesizeConfig
 from dilm_ray.data.dataset import TextSet
 from dilm_ray.models.generator import Generator
@@ -42,30 +42,6 @@ def coreset(train: TextSet, embeddings: torch.Tensor, dpc: int, method: str, see
     """The coreset of ``train`` (rows of ``embeddings``) and the train row indices it holds."""
     rows = select_per_class(embeddings, train.labels, dpc, method, seed)
     return train.select(rows), rows
-
-
-LabelFilter = Callable[[torch.Tensor], torch.Tensor]  # learner embeddings [n, hidden] -> class probabilities [n, labels]
-
-
-def embedding_classifier(embeddings: torch.Tensor, labels: np.ndarray, seed: int, c: float = 0.1) -> LabelFilter:
-    """The reference classifier of the label-consistency filter: logistic regression
-    (scikit-learn) on the learner's frozen embeddings of the real train rows.
-
-    ``embeddings``: float [n, hidden] (``train_embeddings``); ``labels``: int [n]; ``c``: inverse
-    L2 strength (chosen on held-out QQP train rows, ``benchmarks/label_filter.py``).
-    Returns ``proba(embeddings [m, hidden]) -> float32 [m, num_labels]``. Features are
-    standardised first (pooled embeddings are not unit-scale). It is another model family than the TF-IDF
-    classifier that measures label fidelity (``evaluation.fidelity``), so the filter cannot
-    grade its own work, and it costs nothing extra: stage 2 and the K-centers coresets cache
-    the same embeddings. Raises ValueError (scikit-learn) when ``labels`` has one class.
-    """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=c, random_state=seed))
-    clf.fit(embeddings.float().numpy(), np.asarray(labels))
-    return lambda x: torch.from_numpy(clf.predict_proba(x.float().numpy())).float()
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from dilm_ray.config import DataConfig, DistillConfig, GeneratorConfig, LearnerC
 from dilm_ray.data import BUILTIN_TASKS, load_split, resolve_task
 from dilm_ray.models.generator import build_generator
 from dilm_ray.models.learner import build_learner
-from dilm_ray.train.distill import _Cycle, _matching_step, cluster_batches, distill, representative_teachers
+from dilm_ray.train.distill import _Cycle, _matching_step, cluster_batches, distill, pool_batches, representative_teachers
 from dilm_ray.train.gradients import full_grads, head_grads
 
 SST2 = BUILTIN_TASKS["sst2"]
@@ -66,6 +66,26 @@ def test_representative_teachers_and_cluster_batches():
     assert sorted(b[2] for b in batches) == [5, 5, 5]
 
 
+def test_pool_batches_take_one_row_per_cluster_and_only_consistent_rows_under_the_filter():
+    emb = torch.randn(24, 4, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0] * 12 + [1] * 12)
+    plain = pool_batches(emb, labels, 2, k=3, n_batches=4, seed=0)
+    assert [len(b) for b in plain] == [4, 4] and all(len(batch) == 3 for b in plain for batch in b)
+    assert {i for b in plain[0] for i in b} <= set(range(12)) and {i for b in plain[1] for i in b} <= set(range(12, 24))
+    assert len({i for b in plain[0] for i in b}) > 4  # rows the filter would drop are drawn too
+    # the reference classifier finds rows 0-3 and 12-15 consistent with their label, the rest not
+    proba = torch.zeros(24, 2)
+    proba[:, 0] = torch.tensor([0.9] * 4 + [0.1] * 8 + [0.1] * 4 + [0.9] * 8)
+    proba[:, 1] = 1 - proba[:, 0]
+    kept = pool_batches(emb, labels, 2, k=3, n_batches=4, seed=0, proba=proba)
+    assert {i for b in kept[0] for i in b} == {0, 1, 2, 3} and {i for b in kept[1] for i in b} == {12, 13, 14, 15}
+    # a label with fewer consistent rows than clusters is topped up with its least wrong rows
+    proba[:4, 0], proba[:4, 1] = 0.4, 0.6
+    proba[4, 0], proba[4, 1] = 0.45, 0.55
+    topped = pool_batches(emb, labels, 2, k=3, n_batches=2, seed=0, proba=proba)
+    assert 4 in {i for b in topped[0] for i in b}
+
+
 def test_matching_steps_raise_gradient_similarity(tiny_lm_dir, learner, train):
     """With fixed real and synthetic batches, optimising the generator through the loss weights
     must raise the similarity: proof that the matching gradient reaches the generator."""
@@ -120,3 +140,32 @@ def test_distill_is_reproducible(tiny_lm_dir, tiny_bert_dir, train):
     assert without_timings(logs_a) == without_timings(logs_b)
     assert all({"seconds_generate", "seconds_match", "seconds_inner_loop"} <= m.keys() for m in logs_a)
     assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
+
+
+def test_distill_with_the_label_filter_logs_the_consistent_fraction_and_trains(tiny_lm_dir, learner, train):
+    gen = build_generator(GeneratorConfig(model=str(tiny_lm_dir), max_length=12), SST2)
+    before = [p.detach().clone() for p in gen.model.parameters()]
+    cfg = DistillConfig(
+        steps=2, inner_loop=2, learner_steps=1, learner_batch_size=8, n_repset=1, repset_dpc=4, gm_real_dpc=4,
+        gm_real_accum=1, gm_syn_dpc=2, generate_interval=1, lr=1e-3, label_filter=True,
+    )
+    seen = []
+    distill(gen, learner, train, cfg, GeneratorConfig(max_length=12), seed=0, on_outer_loop=lambda s, m: seen.append(m))
+    assert 0.0 <= seen[0]["pool_consistent"] <= 1.0
+    assert any(not torch.equal(a, b) for a, b in zip(before, gen.model.parameters()))
+
+
+def test_the_label_filter_keys_stage_2_only_when_on(tiny_overrides):
+    from dilm_ray.config import load_config
+    from dilm_ray.keys import content_key
+    from dilm_ray.stages import STAGES, _pretrain_key
+
+    off = load_config("configs/sst2-cpu.yaml", tiny_overrides)
+    on = load_config("configs/sst2-cpu.yaml", [*tiny_overrides, "distill.label_filter=true"])
+    keys = {stage.name: stage for stage in STAGES}
+    # off, the key is the one made before the setting existed: finished stage-2 runs stay valid
+    before = content_key(_pretrain_key(off), off.learner.model_dump(mode="json"), off.distill.model_dump(mode="json", exclude={"log_every", "checkpoint_every", "label_filter"}))
+    assert keys["distill"].key(off) == before
+    for name in ("distill", "synthesize_dilm", "synthesize_dilm_filtered"):
+        assert keys[name].key(on) != keys[name].key(off), name
+    assert keys["pretrain"].key(on) == keys["pretrain"].key(off)

@@ -8,6 +8,9 @@ into ``x``. Seeded functions draw from a private CPU ``torch.Generator``: pass C
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import torch
 
 
@@ -127,3 +130,28 @@ def label_consistent(labels: torch.Tensor, proba: torch.Tensor, min_per_label: i
             others = rows[~consistent[rows]]
             keep.append(others[proba[others, label].argsort(descending=True, stable=True)[:short]])
     return torch.cat(keep).sort().values
+
+
+LabelFilter = Callable[[torch.Tensor], torch.Tensor]  # learner embeddings [n, hidden] -> class probabilities [n, labels]
+
+
+def embedding_classifier(embeddings: torch.Tensor, labels: np.ndarray, seed: int, c: float = 0.1) -> LabelFilter:
+    """The reference classifier of the label-consistency filter: logistic regression
+    (scikit-learn) on the learner's frozen embeddings of the real train rows.
+
+    ``embeddings``: float [n, hidden] (``train_embeddings``); ``labels``: int [n]; ``c``: inverse
+    L2 strength (chosen on held-out QQP train rows, ``benchmarks/label_filter.py``).
+    Returns ``proba(embeddings [m, hidden]) -> float32 [m, num_labels]``. Features are
+    standardised first (pooled embeddings are not unit-scale). It is another model family than the TF-IDF
+    classifier that measures label fidelity (``evaluation.fidelity``), so the filter cannot
+    grade its own work, and it costs nothing extra: stage 2 and the K-centers coresets cache
+    the same embeddings. Used at synthesis (``synthesis.synthesize``) and, with
+    ``distill.label_filter``, on stage 2's generated pools (``train.distill``). Raises ValueError (scikit-learn) when ``labels`` has one class.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=c, random_state=seed))
+    clf.fit(embeddings.float().numpy(), np.asarray(labels))
+    return lambda x: torch.from_numpy(clf.predict_proba(x.float().numpy())).float()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dilm_ray.algorithm.matching import match_loss, sample_weights, weighted_grad
-from dilm_ray.algorithm.selection import kmeans, nearest_to_centers
+from dilm_ray.algorithm.selection import LabelFilter, embedding_classifier, kmeans, label_consistent, nearest_to_centers
 from dilm_ray.config import DistillConfig, GeneratorConfig
 from dilm_ray.data.dataset import TextSet
 from dilm_ray.models.generator import Generator, set_trainable
@@ -62,6 +62,29 @@ def cluster_batches(assign: torch.Tensor, k: int, n_batches: int, seed: int) -> 
     return batches
 
 
+def pool_batches(
+    embeddings: torch.Tensor, labels: torch.Tensor, num_labels: int, k: int, n_batches: int, seed: int, proba: torch.Tensor | None = None
+) -> list[list[list[int]]]:
+    """Per label, cluster the generated pool into ``k`` K-means clusters and draw ``n_batches``
+    batches of one row per cluster (``cluster_batches``): the synthetic batches of DiLM Sec. 3.2.
+
+    ``embeddings``: float [n, hidden] (CPU) of the pool rows; ``labels``: int64 [n], the label
+    each row was generated for. ``proba`` (beyond the paper, ``distill.label_filter``): float
+    [n, num_labels], the label filter's class probabilities; only rows it finds consistent with
+    their label are clustered (``label_consistent``, topped up to ``k`` per label). Returns
+    ``batches[label][b]``: pool row indices. Raises ValueError (from ``kmeans``) for a label
+    without rows.
+    """
+    candidates = np.arange(len(labels)) if proba is None else label_consistent(labels, proba, k).numpy()
+    candidate_labels = labels.numpy()[candidates]
+    batches = []
+    for label in range(num_labels):
+        idx = candidates[candidate_labels == label]
+        _, assign = kmeans(embeddings[idx], min(k, len(idx)), seed + label)
+        batches.append([[int(i) for i in idx[b]] for b in cluster_batches(assign, k, n_batches, seed + label)])
+    return batches
+
+
 class _Cycle:
     """Endless batches of ``size`` from ``indices``, reshuffled each pass."""
 
@@ -98,7 +121,8 @@ def distill(
     ``teacher_embeddings``: float [len(train), hidden], else ``learner.embed(train)``.
     ``on_outer_loop`` gets the state and the summary: ``match_loss`` (in [0, 2]), ``grad_sim``
     (in [-1, 1]), ``syn_lm_loss`` / ``lm_loss`` (nats/token), ``dropped_samples`` (count),
-    ``seconds_*`` (cumulative seconds) and ``lr``, averaged over workers. Forward passes run in
+    ``seconds_*`` (cumulative seconds) and ``lr``, averaged over workers; with
+    ``cfg.label_filter`` also ``pool_consistent`` (fraction of pool rows the filter kept). Forward passes run in
     ``runtime.precision`` (bf16: autocast, frozen generator layers held in bf16, fp32 master
     weights; head gradients, sample weights and the matching loss in fp32). Returns the state with
     ``step == cfg.steps``. Raises RuntimeError when the generator cannot produce well-formed samples.
@@ -122,6 +146,9 @@ def distill(
 
     emb = teacher_embeddings if teacher_embeddings is not None else learner.embed(train, progress=runtime.is_main)
     teachers = representative_teachers(emb, train.labels, num_labels, cfg.n_repset, cfg.repset_dpc, seed)
+    # the label filter's reference classifier (beyond the paper): fitted on the same embeddings
+    # the teachers come from, i.e. the learner's pretrained body
+    label_filter = embedding_classifier(emb, train.labels, seed) if cfg.label_filter else None
     real_batches = [_Cycle(t, cfg.gm_real_dpc, rng) for t in teachers]
     learner_batches = _Cycle(np.arange(len(train)), cfg.learner_batch_size, rng)
     lm_batches = _Cycle(np.arange(len(train)), cfg.lm_batch_size, rng)
@@ -137,9 +164,11 @@ def distill(
         seconds = state.extra.setdefault("seconds", {"seconds_generate": 0.0, "seconds_match": 0.0, "seconds_inner_loop": 0.0})
         start = time.perf_counter()
         if pool is None or (ol - first) % cfg.generate_interval == 0:
+            if label_filter is not None:
+                learner.reset(seed + ol)  # the filter reads pretrained-body embeddings, as it was fitted on
             with runtime.autocast():
-                pool, syn_batches, dropped = _synthetic_pool(gen, learner, cfg, gen_cfg, torch_rng, seed + ol)
-            history.append({"dropped_samples": float(dropped)})
+                pool, syn_batches, dropped, consistent = _synthetic_pool(gen, learner, cfg, gen_cfg, torch_rng, seed + ol, label_filter)
+            history.append({"dropped_samples": float(dropped), **({"pool_consistent": consistent} if label_filter is not None else {})})
         seconds["seconds_generate"] += time.perf_counter() - start
         learner.reset(seed + ol)
         torch.manual_seed(seed + ol)  # dropout in the inner loop
@@ -175,18 +204,18 @@ def distill(
     return state
 
 
-def _synthetic_pool(gen, learner, cfg: DistillConfig, gen_cfg: GeneratorConfig, torch_rng, seed: int):
-    """Generate ``gm_syn_dpc x inner_loop x generate_interval`` samples per label and cluster each
-    label's pool into ``gm_syn_dpc`` K-means clusters; batches draw one sample per cluster."""
+def _synthetic_pool(gen, learner, cfg: DistillConfig, gen_cfg: GeneratorConfig, torch_rng, seed: int, label_filter: LabelFilter | None = None):
+    """Generate ``gm_syn_dpc x inner_loop x generate_interval`` samples per label and batch them
+    by ``pool_batches`` (after the label filter, when given). Returns (pool, batches, malformed
+    samples dropped, fraction of rows the filter judged consistent; 1.0 without a filter)."""
     per_label = cfg.gm_syn_dpc * cfg.inner_loop * cfg.generate_interval
     pool, dropped = gen.generate_all(per_label, gen_cfg, torch_rng)
     emb = learner.embed(pool)
-    batches = []
-    for label in range(gen.task.num_labels):
-        idx = pool.indices_of(label)
-        _, assign = kmeans(emb[idx], min(cfg.gm_syn_dpc, len(idx)), seed + label)
-        batches.append([list(idx[b]) for b in cluster_batches(assign, cfg.gm_syn_dpc, cfg.inner_loop * cfg.generate_interval, seed + label)])
-    return pool, batches, dropped
+    labels = torch.as_tensor(pool.labels)
+    proba = label_filter(emb) if label_filter is not None else None
+    batches = pool_batches(emb, labels, gen.task.num_labels, cfg.gm_syn_dpc, cfg.inner_loop * cfg.generate_interval, seed, proba)
+    consistent = 1.0 if proba is None else float((proba.argmax(1) == labels).float().mean())
+    return pool, batches, dropped, consistent
 
 
 def _matching_step(
