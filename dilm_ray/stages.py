@@ -178,10 +178,10 @@ def synthesize_sets(ctx: Context, method: str) -> dict[int, list[Path]]:
     already on disk are kept and only the missing ones are made (set i has its own seed, so it
     comes out the same); otherwise every set is made afresh.
     """
+    from dilm_ray.algorithm.selection import embedding_classifier
     from dilm_ray.evaluation.fidelity import label_fidelity, reference_classifier
     from dilm_ray.models.generator import build_generator
     from dilm_ray.models.learner import build_learner
-    from dilm_ray.algorithm.selection import embedding_classifier
     from dilm_ray.synthesis import MadeSet, synthesize
     from dilm_ray.tracking.mlflow_store import log_metrics
     from dilm_ray.train.embeddings import train_embeddings
