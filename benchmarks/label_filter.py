@@ -28,13 +28,13 @@ from dilm_ray.errors import UserError
 @click.option("--dev-samples", type=int, default=2000, show_default=True, help="held-out train rows to score on")
 @click.option("--c", "cs", type=float, multiple=True, default=(0.01, 0.1, 1.0), show_default=True, help="inverse L2 strength (repeatable)")
 def main(config: str, overrides: tuple[str, ...], dev_samples: int, cs: tuple[float, ...]) -> None:
+    from dilm_ray.algorithm.selection import embedding_classifier
     from dilm_ray.data import load_data
     from dilm_ray.evaluation.fidelity import reference_classifier
     from dilm_ray.layout import RunLayout
     from dilm_ray.models.learner import build_learner
     from dilm_ray.precision import autocast, prepare
     from dilm_ray.seeding import setup_torch
-    from dilm_ray.algorithm.selection import embedding_classifier
     from dilm_ray.train.embeddings import train_embeddings
 
     try:

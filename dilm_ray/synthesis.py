@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dilm_ray.algorithm.selection import LabelFilter, herding, k_centers, label_consistent, random_subset
+from dilm_ray.algorithm.selection import LabelFilter, consistent_mask, herding, k_centers, label_consistent, random_subset
 from dilm_ray.config import GeneratorConfig, SynthesizeConfig
 from dilm_ray.data.dataset import TextSet
 from dilm_ray.models.generator import Generator
@@ -90,7 +90,7 @@ def synthesize(
         if label_filter is not None:
             labels = torch.as_tensor(pool.labels)
             proba = label_filter(embeddings)
-            consistent = int((proba.argmax(1) == labels).sum())
+            consistent = int(consistent_mask(labels, proba).sum())
             candidates = label_consistent(labels, proba, dpc).numpy()
         chosen = select_per_class(embeddings[torch.as_tensor(candidates)], pool.labels[candidates], dpc, cfg.select, seed=i)
         sets.append(pool.select(candidates[chosen]))

@@ -108,6 +108,12 @@ def random_subset(n: int, k: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
 
 
+def consistent_mask(labels: torch.Tensor, proba: torch.Tensor) -> torch.Tensor:
+    """Bool [n]: row i's reference label ``argmax(proba[i])`` is ``labels[i]``, the label it was
+    generated for (``labels``: int64 [n]; ``proba``: float [n, num_labels])."""
+    return proba.argmax(1) == labels
+
+
 def label_consistent(labels: torch.Tensor, proba: torch.Tensor, min_per_label: int) -> torch.Tensor:
     """Rows whose reference label is the label they were generated for (a label-consistency
     filter, beyond the paper: DiLM Sec. 3.3 selects from the whole pool).
@@ -121,7 +127,7 @@ def label_consistent(labels: torch.Tensor, proba: torch.Tensor, min_per_label: i
     """
     if proba.ndim != 2 or labels.shape != proba.shape[:1]:
         raise ValueError(f"label_consistent needs labels [n] and proba [n, L], got {tuple(labels.shape)} and {tuple(proba.shape)}")
-    consistent = proba.argmax(1) == labels
+    consistent = consistent_mask(labels, proba)
     keep = [consistent.nonzero().flatten()]
     for label in labels.unique().tolist():
         rows = (labels == label).nonzero().flatten()

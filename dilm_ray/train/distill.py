@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dilm_ray.algorithm.matching import match_loss, sample_weights, weighted_grad
-from dilm_ray.algorithm.selection import LabelFilter, embedding_classifier, kmeans, label_consistent, nearest_to_centers
+from dilm_ray.algorithm.selection import LabelFilter, consistent_mask, embedding_classifier, kmeans, label_consistent, nearest_to_centers
 from dilm_ray.config import DistillConfig, GeneratorConfig
 from dilm_ray.data.dataset import TextSet
 from dilm_ray.models.generator import Generator, set_trainable
@@ -214,7 +214,7 @@ def _synthetic_pool(gen, learner, cfg: DistillConfig, gen_cfg: GeneratorConfig, 
     labels = torch.as_tensor(pool.labels)
     proba = label_filter(emb) if label_filter is not None else None
     batches = pool_batches(emb, labels, gen.task.num_labels, cfg.gm_syn_dpc, cfg.inner_loop * cfg.generate_interval, seed, proba)
-    consistent = 1.0 if proba is None else float((proba.argmax(1) == labels).float().mean())
+    consistent = 1.0 if proba is None else float(consistent_mask(labels, proba).float().mean())
     return pool, batches, dropped, consistent
 
 
