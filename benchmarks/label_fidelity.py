@@ -34,7 +34,7 @@ from dilm_ray.evaluation.fidelity import reference_classifier
 
 def fidelity(cfg: Config, gen, predict, per_label: int) -> tuple[float, list[float], TextSet]:
     """(overall fidelity, per-label fidelity, the samples) for ``per_label`` samples per label."""
-    samples, _ = gen.generate_all(per_label, cfg.generator, torch.Generator().manual_seed(cfg.seed), 10)
+    samples, _, _ = gen.generate_all(per_label, cfg.generator, torch.Generator().manual_seed(cfg.seed), 10)
     hits = predict(samples) == samples.labels
     per = [float(hits[samples.labels == y].mean()) for y in range(gen.task.num_labels)]
     return float(hits.mean()), per, samples

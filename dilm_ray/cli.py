@@ -1,12 +1,14 @@
 """``dilm-ray``: every command takes a config file plus ``key=value`` overrides.
 
-User errors print one line and exit with status 2. Ctrl-C and SIGTERM end a command cleanly
+User errors print one line and exit with status 2; a sweep whose every trial failed prints one
+line per trial and exits with status 1. Ctrl-C and SIGTERM end a command cleanly
 (its MLflow run KILLED, finished work kept) with status 130 / 143; ``--resume`` continues.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import click
 
 from dilm_ray import __version__, interrupts
 from dilm_ray.config import Config, load_config
-from dilm_ray.errors import UserError
+from dilm_ray.errors import SweepFailed, UserError
 
 
 def _command(fn):
@@ -26,6 +28,10 @@ def _command(fn):
     @functools.wraps(fn)
     def wrapper(config: str, overrides: tuple[str, ...], **kwargs):
         interrupts.install()
+        from dilm_ray.driver.ray_env import QUIET_ENV
+
+        for key, value in QUIET_ENV.items():
+            os.environ.setdefault(key, value)
         try:
             cfg = load_config(config, overrides)
             from dilm_ray.seeding import setup_torch
@@ -35,6 +41,9 @@ def _command(fn):
         except UserError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
+        except SweepFailed as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(1)
         except KeyboardInterrupt as err:
             click.echo(f"interrupted ({err}): finished stages and evaluation runs are kept; add --resume to continue", err=True)
             sys.exit(interrupts.exit_code(err))

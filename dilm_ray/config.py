@@ -57,6 +57,11 @@ class GeneratorConfig(_Section):
         None, ge=1, description="stages 1-2 train rank-r LoRA adapters (PEFT) on every linear layer instead of whole blocks; needs train_top_layers: null"
     )
     lora_alpha: float | None = Field(None, gt=0.0, description="LoRA scale numerator (scale alpha / rank); None: 2 x lora_rank")
+    constrained_decoding: Literal["fallback", "always"] = Field(
+        "fallback",
+        description="fallback: sample freely, regenerate malformed samples, decode under the task's format only what is missing "
+        "after synthesize.max_attempts rounds; always: decode every sample under it (well-formed by construction)",
+    )
 
     @model_validator(mode="after")
     def _lora_or_top_layers(self) -> GeneratorConfig:
@@ -388,7 +393,13 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         apply_override(tree, key, value)
     if overrides:
         source += " + overrides"
+    return validated(tree, source).absolute()
+
+
+def validated(tree: dict[str, Any], source: str) -> Config:
+    """``Config.model_validate(tree)``, raising a one-line ``UserError`` that names the key and
+    ``source`` (where the values came from) instead of pydantic's report."""
     try:
-        return Config.model_validate(tree).absolute()
+        return Config.model_validate(tree)
     except ValidationError as err:
         raise UserError(_format_error(err, source)) from None

@@ -3,3 +3,13 @@
 
 class UserError(Exception):
     """A mistake the user can fix (config, data, model name): never shown as a traceback."""
+
+
+class GenerationError(UserError):
+    """The generator could not write the samples a stage asked for (malformed beyond every round):
+    a profile too small for the task, fixed in the config (more stage-1 steps, more rounds)."""
+
+
+class SweepFailed(Exception):
+    """Every trial of a ``dilm-ray tune`` sweep failed: the CLI prints one line per trial (its
+    reason) and exits with status 1; the ranking with the failures is written first."""

@@ -13,6 +13,7 @@
 | ``ray/`` | Ray Train checkpoints of stages 1-2 (``ray.storage_path`` moves them) |
 | ``tune/`` | ``dilm-ray tune``: trials, ``ranking.csv``, ``best.yaml``, ``best-distilled/`` |
 | ``timing.json`` | wall time and invocations per stage, summed over resumed invocations |
+| ``logs/<stage>-rank<r>.log`` | what each Ray Train worker of stages 1-2 printed (the terminal shows one bar per stage) |
 | ``mlflow-runs.json`` | the MLflow run of each command, reopened by ``--resume`` |
 """
 
@@ -80,6 +81,10 @@ class RunLayout:
     @property
     def tune(self) -> Path:
         return self.root / "tune"
+
+    def worker_log(self, stage: str, rank: int) -> Path:
+        """Where the Ray Train worker of ``rank`` writes its output in ``stage`` (appended to on resume)."""
+        return self.root / "logs" / f"{stage}-rank{rank}.log"
 
     @property
     def timing(self) -> Path:

@@ -29,7 +29,7 @@ from pathlib import Path
 from dilm_ray.config import Config
 from dilm_ray.data import TaskData, TaskSpec, TextSet, load_data, load_file
 from dilm_ray.data.card import write_card
-from dilm_ray.errors import UserError
+from dilm_ray.errors import GenerationError, UserError
 from dilm_ray.keys import content_key
 from dilm_ray.precision import key_parts
 from dilm_ray.layout import CORESETS, POOL_FILE, ROWS_FILE, RunLayout
@@ -101,9 +101,17 @@ def _data_key(cfg: Config) -> dict:
 
 
 def _generator_key(cfg: Config) -> dict:
-    # the LoRA settings only when used: runs made before they existed keep their keys
+    # the LoRA settings only when used: runs made before they existed keep their keys; how the
+    # generator samples is not stage 1's business (it never samples): see _sampling_key
     lora = {k for k in ("lora_rank", "lora_alpha") if getattr(cfg.generator, k) is None}
-    return cfg.generator.model_dump(mode="json", exclude=lora)
+    return cfg.generator.model_dump(mode="json", exclude={*lora, "constrained_decoding"})
+
+
+def _sampling_key(cfg: Config) -> tuple:
+    # constrained decoding enters the keys of the stages that sample (2 and 3) only when it is not
+    # the default fallback: a fallback run gives what earlier versions gave wherever they finished
+    mode = cfg.generator.constrained_decoding
+    return () if mode == "fallback" else ({"constrained_decoding": mode},)
 
 
 def _pretrain_key(cfg: Config) -> str:
@@ -114,12 +122,14 @@ def _distill_key(cfg: Config) -> str:
     # the label filter only when on: runs made before it existed keep their keys
     off = {"label_filter"} if not cfg.distill.label_filter else set()
     distill = cfg.distill.model_dump(mode="json", exclude={"log_every", "checkpoint_every", *off})
-    return content_key(_pretrain_key(cfg), cfg.learner.model_dump(mode="json"), distill)
+    return content_key(_pretrain_key(cfg), cfg.learner.model_dump(mode="json"), distill, *_sampling_key(cfg))
 
 
 def _synthesize_key(source_key: Callable[[Config], str]) -> Callable[[Config], str]:
     # synthesize.dpc and n_datasets only say which sets exist: set i of DPC d is seeded by (seed, d, i)
-    return lambda cfg: content_key(source_key(cfg), cfg.learner.model_dump(mode="json"), cfg.synthesize.model_dump(mode="json", exclude={"dpc", "n_datasets"}), cfg.seed)
+    return lambda cfg: content_key(
+        source_key(cfg), cfg.learner.model_dump(mode="json"), cfg.synthesize.model_dump(mode="json", exclude={"dpc", "n_datasets"}), cfg.seed, *_sampling_key(cfg)
+    )
 
 
 def _coreset_key(cfg: Config) -> str:
@@ -205,6 +215,7 @@ def synthesize_sets(ctx: Context, method: str) -> dict[int, list[Path]]:
         written[dpc] = [layout.set_dir(method, dpc, i) / "train.jsonl" for i in range(cfg.synthesize.n_datasets)]
         todo = [i for i, path in enumerate(written[dpc]) if not (ctx.resume and path.is_file())]
         consistent: list[float] = []
+        constrained: list[int] = []
 
         def save(made: MadeSet, dpc: int = dpc) -> None:
             folder = layout.set_dir(method, dpc, made.index)
@@ -215,15 +226,22 @@ def synthesize_sets(ctx: Context, method: str) -> dict[int, list[Path]]:
             if made.consistent is not None:
                 consistent.append(made.consistent / len(made.pool))
                 card["label_filter_consistent"] = round(consistent[-1], 4)
+            if made.constrained:
+                constrained.append(made.constrained)
+                card["constrained_pool_rows"] = made.constrained
             write_card(folder, task, card)
 
-        _, dropped = synthesize(
-            gen, learner, cfg.synthesize, cfg.generator, dpc, cfg.seed, indices=todo, on_set=save, precision=cfg.precision,
-            label_filter=label_filter, pools=(lambda i, dpc=dpc: _load_pool(layout.set_dir("dilm", dpc, i), task)) if reuse_pools else None,
-        )
+        try:
+            _, dropped = synthesize(
+                gen, learner, cfg.synthesize, cfg.generator, dpc, cfg.seed, indices=todo, on_set=save, precision=cfg.precision,
+                label_filter=label_filter, pools=(lambda i, dpc=dpc: _load_pool(layout.set_dir("dilm", dpc, i), task)) if reuse_pools else None,
+            )
+        except GenerationError as err:
+            raise GenerationError(f"stage synthesize_{method}, DPC {dpc}: {err}") from None
         fidelity = label_fidelity(reference, [load_file(p, task) for p in written[dpc]], task.num_labels)
         filtered = f"; the label filter judged {100 * sum(consistent) / len(consistent):.1f}% of pool rows consistent" if consistent else ""
-        print(f"{method} dpc={dpc}: {len(todo)} sets made, {len(written[dpc]) - len(todo)} kept, {dropped} malformed samples dropped and regenerated; "
+        formatted = f", {sum(constrained)} decoded under the task's format" if constrained else ""
+        print(f"{method} dpc={dpc}: {len(todo)} sets made, {len(written[dpc]) - len(todo)} kept, {dropped} malformed samples dropped and regenerated{formatted}; "
               f"label fidelity {fidelity.text()}%{filtered}")
         log_metrics(ctx.run_id, {f"synthesize.label_fidelity.{method}.dpc{dpc}": fidelity.overall})
         previews.append(preview(load_file(written[dpc][0], task), task, f"{method}, DPC {dpc}, set 0"))

@@ -48,12 +48,14 @@ def coreset(train: TextSet, embeddings: torch.Tensor, dpc: int, method: str, see
 class MadeSet:
     """One distilled set as ``synthesize`` makes it: ``subset`` (DPC rows per label) was selected
     from ``pool`` (the over-sampled generations); ``consistent`` is how many pool rows the label
-    filter judged to follow their label (None without a filter)."""
+    filter judged to follow their label (None without a filter); ``constrained`` how many pool
+    rows were decoded under the task's format (``Generator.generate``; 0 for a reused pool)."""
 
     index: int
     subset: TextSet
     pool: TextSet
     consistent: int | None = None
+    constrained: int = 0
 
 
 def synthesize(
@@ -80,10 +82,10 @@ def synthesize(
     sets, dropped = [], 0
     for i in tqdm(range(cfg.n_datasets) if indices is None else indices, desc=f"synthesize dpc={dpc}", disable=not progress):
         rng = torch.Generator().manual_seed(seed * 1_000_003 + dpc * 1009 + i)
-        pool = pools(i) if pools else None
+        pool, constrained = pools(i) if pools else None, 0
         with autocast(precision, gen.device):
             if pool is None:
-                pool, d = gen.generate_all(dpc * cfg.over_sample_ratio, gen_cfg, rng, cfg.max_attempts)
+                pool, d, constrained = gen.generate_all(dpc * cfg.over_sample_ratio, gen_cfg, rng, cfg.max_attempts)
                 dropped += d
             embeddings = learner.embed(pool)
         candidates, consistent = np.arange(len(pool)), None
@@ -95,5 +97,5 @@ def synthesize(
         chosen = select_per_class(embeddings[torch.as_tensor(candidates)], pool.labels[candidates], dpc, cfg.select, seed=i)
         sets.append(pool.select(candidates[chosen]))
         if on_set:
-            on_set(MadeSet(i, sets[-1], pool, consistent))
+            on_set(MadeSet(i, sets[-1], pool, consistent, constrained))
     return sets, dropped

@@ -119,3 +119,14 @@ def test_lora_generator_runs_stages_one_and_two_on_ray_and_synthesizes(tiny_over
     for before, after in zip(weights, weights[1:]):
         assert torch.linalg.matrix_rank(after - before.bfloat16().float(), atol=1e-6) == 2
     assert "dpc=2: 2 sets under" in _invoke(["synthesize", *cfg])
+
+
+@pytest.mark.integration
+def test_a_generator_that_cannot_write_pairs_ends_stage_2_in_one_line(tiny_overrides, toy_pair_dir):
+    # room for the sink, the label token and two more: never a premise, <sep> and a hypothesis
+    cfg = ["configs/mnli-cpu.yaml", *tiny_overrides, f"data.path={toy_pair_dir}", "data.balanced=false", "generator.max_length=4", "name=short"]
+    _invoke(["pretrain", *cfg])
+    result = CliRunner().invoke(main, ["distill", *cfg])
+    assert result.exit_code == 2, result.output + repr(result.exception)
+    assert result.output.startswith("error: stage distill: the generator wrote only 0/") and "of label 0 (entailment)" in result.output
+    assert "train stage 1 longer (pretrain.steps)" in result.output and len(result.output.strip().splitlines()) == 1

@@ -128,11 +128,82 @@ def test_pair_generation_round_trips_through_the_separator(tiny_lm_dir):
     assert gen.parse([gen.sep_id] + gen.encode(("good",), 0)[start:-1]) is None  # empty side
 
 
-def test_malformed_samples_are_dropped_and_counted(tiny_lm_dir):
-    gen = build_generator(GeneratorConfig(model=str(tiny_lm_dir), max_length=16), MNLI)
-    # an untrained LM almost never writes exactly one separator: it must give up with a clear error
-    with pytest.raises(RuntimeError, match="well-formed samples"):
-        gen.generate(0, 4, GeneratorConfig(max_length=16), torch.Generator().manual_seed(0), max_attempts=1)
+def _untrained_pair_generator(tiny_lm_dir, max_length: int = 16):
+    gen = build_generator(GeneratorConfig(model=str(tiny_lm_dir), max_length=max_length), MNLI)
+    with torch.no_grad():  # an untrained LM that favours <sep> and EOS: free sampling is rarely well-formed
+        gen.model.get_output_embeddings().bias = None
+        head = gen.model.get_output_embeddings().weight
+        head[gen.sep_id] *= 4
+        head[gen.eos_id] *= 4
+    return gen
+
+
+def _count_free_malformed(gen, n: int = 64) -> int:
+    samples = gen.sample(0, n, GeneratorConfig(max_length=gen.max_length), torch.Generator().manual_seed(0))
+    return sum(gen.parse(s) is None for s in samples)
+
+
+def test_constrained_decoding_writes_well_formed_pairs(tiny_lm_dir):
+    gen = _untrained_pair_generator(tiny_lm_dir)
+    assert _count_free_malformed(gen) > 16  # the case constrained decoding is for
+    cfg = GeneratorConfig(max_length=gen.max_length)
+    budget = gen.sample_format.part_budget
+    for seed in range(3):
+        for ids in gen.sample(1, 64, cfg, torch.Generator().manual_seed(seed), constrained=True):
+            assert ids.count(gen.sep_id) == 1 and gen.eos_id not in ids
+            first, second = ids[: ids.index(gen.sep_id)], ids[ids.index(gen.sep_id) + 1 :]
+            assert 1 <= len(first) <= budget and len(second) >= 1
+            assert len(ids) <= gen.max_length - len(gen.prompt(1))
+            assert gen.parse(ids) is not None
+
+
+def test_constrained_logits_per_rule():
+    from dilm_ray.models.generator import SampleFormat, constrain_logits
+
+    fmt = SampleFormat(parts=2, sep_id=1, eos_id=2, part_budget=3)
+    logits = torch.zeros(5, 4)
+    # rows: empty first part; first part of 1 token; first part at its budget; last part empty; last part with text
+    part = torch.tensor([0, 0, 0, 1, 1])
+    part_len = torch.tensor([0, 1, 3, 0, 2])
+    out = constrain_logits(logits, fmt, part, part_len, remaining=10)
+    inf = float("-inf")
+    assert out[0].tolist() == [0, inf, inf, 0]  # neither <sep> nor EOS before the first token
+    assert out[1].tolist() == [0, 0, inf, 0]  # <sep> allowed, EOS not before the last part
+    assert out[2].tolist() == [inf, 0, inf, inf]  # <sep> forced at the budget
+    assert out[3].tolist() == [0, inf, inf, 0]  # no second <sep>, no EOS before the last part has text
+    assert out[4].tolist() == [0, inf, 0, 0]  # the last part may end
+    # room for only <sep> and one token: <sep> forced even under the budget
+    assert constrain_logits(logits[1:2], fmt, part[1:2], part_len[1:2], remaining=2)[0].tolist() == [inf, 0, inf, inf]
+    assert torch.equal(logits, torch.zeros(5, 4))  # the input is left alone
+    # with a vocabulary's visible tokens, an empty part opens only with text
+    shown = SampleFormat(parts=2, sep_id=1, eos_id=2, part_budget=3, visible=torch.tensor([True, False, False, False]))
+    assert constrain_logits(logits[:2], shown, part[:2], part_len[:2], remaining=10).tolist() == [[0, inf, inf, inf], [0, 0, inf, 0]]
+    single = SampleFormat(parts=1, sep_id=1, eos_id=2, part_budget=3)
+    assert constrain_logits(logits[:2], single, part[:2], part_len[:2], remaining=10).tolist() == [[0, 0, inf, 0], [0, 0, 0, 0]]
+
+
+def test_rejection_first_then_constrained_fallback(tiny_lm_dir):
+    gen = _untrained_pair_generator(tiny_lm_dir)
+    free = GeneratorConfig(max_length=16)
+    data, dropped, constrained = gen.generate(0, 32, free, torch.Generator().manual_seed(0), max_attempts=1)
+    assert len(data) == 32 and dropped > 0 and 0 < constrained < 32  # one free round, the rest under the format
+    assert all(a and b for a, b in data.texts)
+    # the free round draws exactly what earlier versions drew: its samples lead the set
+    kept = [gen.parse(s) for s in gen.sample(0, 32, free, torch.Generator().manual_seed(0))]
+    kept = [k for k in kept if k is not None]
+    assert list(data.texts[: len(kept)]) == kept and len(kept) == 32 - constrained
+    always = GeneratorConfig(max_length=16, constrained_decoding="always")
+    data, dropped, constrained = gen.generate(0, 32, always, torch.Generator().manual_seed(0), max_attempts=1)
+    assert (dropped, constrained) == (0, 32)
+
+
+def test_a_generator_that_cannot_write_the_format_ends_in_one_user_error(tiny_lm_dir):
+    from dilm_ray.errors import GenerationError, UserError
+
+    gen = _untrained_pair_generator(tiny_lm_dir, max_length=4)  # sink + label token + 2: no room for two parts
+    with pytest.raises(GenerationError, match=r"only 0/4 well-formed samples of label 0 \(entailment\).*pretrain.steps") as err:
+        gen.generate(0, 4, GeneratorConfig(max_length=4), torch.Generator().manual_seed(0), max_attempts=2)
+    assert isinstance(err.value, UserError) and "\n" not in str(err.value)
 
 
 def test_top_layers_only_and_label_rows(gen, tmp_path):

@@ -9,15 +9,41 @@ from click.testing import CliRunner
 from dilm_ray.cli import main
 
 
-def test_ranked_table_orders_trials_and_reports_minutes():
-    from dilm_ray.commands.tune import ranked_table
+def _outcome(trial_id, status, score=None, lr=1e-5, sets=3, minutes=2.0, reason=""):
+    from dilm_ray.commands.tune import TrialOutcome
 
-    df = pd.DataFrame({"trial_id": ["a", "b"], "accuracy": [0.6, 0.7], "sets_evaluated": [2, 3], "time_total_s": [120.0, 300.0],
-                       "config/distill.lr": [1e-5, 3e-6], "config/distill.steps": [5, 5]})
-    table = ranked_table(df, ["distill.lr"], "accuracy", "max")
-    assert list(table.columns) == ["trial_id", "accuracy", "sets_evaluated", "minutes", "distill.lr"]
-    assert list(table.trial_id) == ["b", "a"] and list(table.minutes) == [5.0, 2.0]
-    assert list(ranked_table(df, ["distill.lr"], "accuracy", "min").trial_id) == ["a", "b"]
+    metrics = {} if score is None else {"accuracy": score, "sets_evaluated": sets}
+    return TrialOutcome(trial_id, status, {"distill.lr": lr}, metrics, minutes, reason)
+
+
+def test_ranking_lists_every_trial_scored_first_failed_last():
+    from dilm_ray.commands.tune import ranked_table, to_markdown
+
+    outcomes = [
+        _outcome("a", "FINISHED", 0.6, minutes=2.0),
+        _outcome("x", "ERROR", reason="GenerationError: stage distill: only 0/20 well-formed samples"),
+        _outcome("b", "STOPPED", 0.7, lr=3e-6, sets=1, minutes=5.0),
+    ]
+    table = ranked_table(outcomes, ["distill.lr"], "accuracy", "max")
+    assert list(table.columns) == ["trial_id", "status", "accuracy", "sets_evaluated", "minutes", "distill.lr", "reason"]
+    assert list(table.trial_id) == ["b", "a", "x"] and list(table.minutes) == [5.0, 2.0, 2.0]
+    assert list(ranked_table(outcomes, ["distill.lr"], "accuracy", "min").trial_id) == ["a", "b", "x"]
+    md = to_markdown(table).splitlines()
+    assert md[0] == "| rank | trial | status | accuracy | sets_evaluated | minutes | distill.lr | reason |"
+    assert md[2] == "| 1 | b | STOPPED | 0.7 | 1 | 5 | 3e-06 |  |"  # learning rates stay readable
+    assert md[4] == "| - | x | ERROR |  | 0 | 2 | 1e-05 | GenerationError: stage distill: only 0/20 well-formed samples |"
+    # no failure: no reason column
+    assert "reason" not in to_markdown(ranked_table(outcomes[:1], ["distill.lr"], "accuracy", "max"))
+
+
+def test_error_reason_is_the_last_line_without_module_path(tmp_path):
+    from dilm_ray.commands.tune import error_reason
+
+    f = tmp_path / "error.txt"
+    f.write_text("Traceback (most recent call last):\n  File x\nray.exceptions.RayTaskError(GenerationError): ray::f()\n"
+                 "dilm_ray.errors.GenerationError: stage distill: the generator wrote only 1/120\n\n")
+    assert error_reason(str(f)) == "GenerationError: stage distill: the generator wrote only 1/120"
+    assert error_reason(None) == "failed (no error file)"
 
 
 @pytest.mark.integration
@@ -38,7 +64,7 @@ def test_sweep_of_four_trials_with_asha_lands_in_mlflow(tiny_overrides, tmp_path
     assert "generator.max_length" not in result.output
     ranking = [line for line in result.output.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(ranking) == 4
-    assert "| rank | trial | accuracy | sets_evaluated | minutes | distill.inner_loop | distill.gm_syn_dpc |" in result.output
+    assert "| rank | trial | status | accuracy | sets_evaluated | minutes | distill.inner_loop | distill.gm_syn_dpc |" in result.output
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["dilm-sst2"])
     parent = runs[runs["tags.mlflow.runName"] == "sweep-tune"]
@@ -55,3 +81,27 @@ def test_sweep_of_four_trials_with_asha_lands_in_mlflow(tiny_overrides, tmp_path
     assert len(list((sweep / "cache").glob("train-embeddings-*.pt"))) == 1
     assert all((trial / "cache").is_symlink() for trial in (sweep / "tune" / "trials").iterdir())
     assert list((tmp_path / "runs" / "sweep" / "tune" / "best-distilled").glob("dpc2/set*/train.parquet"))
+
+
+@pytest.mark.integration
+def test_failed_trials_are_ranked_last_and_a_sweep_that_only_fails_exits_1(tiny_overrides, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    # distill.steps=2 is no multiple of inner_loop 3: that trial cannot build its config and fails
+    base = ["tune", "configs/sst2-cpu.yaml", *tiny_overrides, "name=fails", "distill.steps=2", "synthesize.n_datasets=1",
+            "evaluate.parallel=false", "ray.cpus_per_worker=0.9"]
+    result = CliRunner().invoke(main, [*base, "tune.space={distill.inner_loop: {type: grid, values: [1, 3]}}"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    ranking = pd.read_csv(tmp_path / "runs" / "fails" / "tune" / "ranking.csv")
+    assert list(ranking.status) == ["FINISHED", "ERROR"] and list(ranking["distill.inner_loop"]) == [1, 3]
+    assert "must be a multiple of distill.inner_loop=3" in ranking.reason.iloc[1]
+    assert "1 of 2 trials failed" in result.output
+    assert any(line.startswith("| - | ") and "| ERROR |" in line for line in result.output.splitlines())
+    assert (tmp_path / "runs" / "fails" / "tune" / "best.yaml").is_file()
+
+    result = CliRunner().invoke(main, [*base, "name=allfail", "tune.space={distill.inner_loop: {type: grid, values: [3]}}"])
+    assert result.exit_code == 1 and not isinstance(result.exception, (AssertionError, KeyError)), result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("  trial ")]
+    assert len(lines) == 1 and "must be a multiple of distill.inner_loop=3" in lines[0]
+    assert "Traceback" not in result.output
+    assert len(pd.read_csv(tmp_path / "runs" / "allfail" / "tune" / "ranking.csv")) == 1
+    assert not (tmp_path / "runs" / "allfail" / "tune" / "best.yaml").exists()

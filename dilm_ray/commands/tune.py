@@ -9,14 +9,15 @@ sweep, one child run per trial (``MLflowLoggerCallback`` on the driver closes AS
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from dilm_ray.config import Config, SearchSpec, apply_override, flatten
-from dilm_ray.errors import UserError
+from dilm_ray.config import Config, SearchSpec, apply_override, flatten, validated
+from dilm_ray.errors import SweepFailed, UserError
 from dilm_ray.layout import RunLayout
 
 
@@ -72,7 +73,7 @@ def trial_config(base: Config, params: dict[str, Any], trial_name: str) -> Confi
     tree["output_dir"] = str(RunLayout(base.run_dir).tune / "trials")
     tree["ray"]["storage_path"] = str(RunLayout(base.run_dir).tune / "train")
     tree["tracking"]["enabled"] = False  # the driver's MLflowLoggerCallback records trials
-    return Config.model_validate(tree)
+    return validated(tree, "the trial's tune.space values")
 
 
 def run_trial(params: dict[str, Any], base_dict: dict[str, Any]) -> None:
@@ -160,37 +161,118 @@ def run_sweep(cfg: Config, resume: bool = False) -> str:
                 run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=callbacks),
             )
         results = tuner.fit()
-        table = ranked_table(results.get_dataframe(), list(cfg.tune.space), cfg.tune.metric, cfg.tune.mode)
+        outcomes = trial_outcomes(results.experiment_path, cfg.synthesize.n_datasets)
+        table = ranked_table(outcomes, list(cfg.tune.space), cfg.tune.metric, cfg.tune.mode)
         out.mkdir(parents=True, exist_ok=True)
         table.to_csv(out / "ranking.csv", index=False)
-        best = results.get_best_result(cfg.tune.metric, cfg.tune.mode)
-        best_cfg = trial_config(cfg, {k: best.config[k] for k in cfg.tune.space}, cfg.name)
+        log_artifacts(parent, [out / "ranking.csv"], "tune")
+        scored = [o for o in outcomes if o.status != "ERROR" and cfg.tune.metric in o.metrics]
+        if not scored:
+            ray.shutdown()
+            raise SweepFailed(
+                f"every trial of the sweep failed (ranking: {out / 'ranking.csv'}):\n"
+                + "\n".join(f"  trial {o.trial_id}: {o.reason}" for o in outcomes)
+            )
+        best = next(o for o in outcomes if o.trial_id == table.iloc[0]["trial_id"])
+        best_cfg = trial_config(cfg, {k: best.params[k] for k in cfg.tune.space}, cfg.name)
         (out / "best.yaml").write_text(best_cfg.to_yaml())
         best_sets = out / "best-distilled"
         shutil.rmtree(best_sets, ignore_errors=True)
         shutil.copytree(RunLayout(Path(best.metrics["run_dir"])).method_dir("dilm"), best_sets)
-        log_artifacts(parent, [out / "ranking.csv", out / "best.yaml"], "tune")
+        log_artifacts(parent, [out / "best.yaml"], "tune")
         log_artifacts(parent, [best_sets], "tune/best-distilled")
         if parent is not None:
             import mlflow
 
             mlflow.log_metric(f"best_{cfg.tune.metric}", float(best.metrics[cfg.tune.metric]))
     ray.shutdown()
-    return to_markdown(table, cfg.tune.metric) + f"\n\nbest config: {out / 'best.yaml'}\nbest distilled sets: {best_sets}"
+    failed = [o for o in outcomes if o.status == "ERROR"]
+    note = f"\n\n{len(failed)} of {len(outcomes)} trials failed (listed last, with their reason)" if failed else ""
+    return to_markdown(table) + note + f"\n\nbest config: {out / 'best.yaml'}\nbest distilled sets: {best_sets}"
 
 
-def ranked_table(df: pd.DataFrame, keys: list[str], metric: str, mode: str) -> pd.DataFrame:
-    """Trials best first, with their searched values and wall time (quality per hour is the aim)."""
-    cols = {f"config/{k}": k for k in keys}
-    table = df[["trial_id", metric, "sets_evaluated", *cols]].rename(columns=cols)
-    table.insert(3, "minutes", df["time_total_s"] / 60)
-    return table.sort_values(metric, ascending=mode == "min").reset_index(drop=True)
+@dataclass(frozen=True)
+class TrialOutcome:
+    """How one trial ended: ``status`` FINISHED (every set evaluated), STOPPED (ASHA stopped it
+    after ``metrics["sets_evaluated"]`` sets) or ERROR (``reason``: the error's last line); its
+    searched ``params`` and last reported ``metrics`` (empty when it never reported)."""
+
+    trial_id: str
+    status: str
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+    minutes: float
+    reason: str = ""
 
 
-def to_markdown(table: pd.DataFrame, metric: str) -> str:
-    header = "| rank | trial | " + " | ".join(c for c in table.columns if c not in ("trial_id",)) + " |"
-    lines = [header, "|" + "---|" * (len(table.columns) + 1)]
-    for rank, row in enumerate(table.itertuples(index=False), 1):
-        values = [f"{v:.4f}" if isinstance(v, float) else str(v) for k, v in zip(table.columns, row) if k != "trial_id"]
-        lines.append(f"| {rank} | {row.trial_id} | " + " | ".join(values) + " |")
+def trial_outcomes(experiment_path: str, n_sets: int) -> list[TrialOutcome]:
+    """Every trial of the sweep stored at ``experiment_path`` (``ray.tune.ExperimentAnalysis``),
+    failed ones included, in Tune's trial order."""
+    from ray.tune import ExperimentAnalysis
+
+    outcomes = []
+    for trial in ExperimentAnalysis(experiment_path).trials:
+        metrics = dict(trial.last_result or {})
+        if trial.status == "ERROR":
+            status, reason = "ERROR", error_reason(trial.error_file, trial.pickled_error_file)
+        else:
+            status, reason = ("FINISHED" if metrics.get("sets_evaluated", 0) >= n_sets else "STOPPED"), ""
+        params = {k: v for k, v in trial.config.items()}
+        outcomes.append(TrialOutcome(trial.trial_id, status, params, metrics, float(metrics.get("time_total_s", 0.0)) / 60, reason))
+    return outcomes
+
+
+def error_reason(error_file: str | None, pickled_error_file: str | None = None) -> str:
+    """One line on why a trial failed: a ``UserError``'s own message (``pickled_error_file``,
+    Tune's pickled exception, unwrapped from Ray's ``RayTaskError``), else the last line of the
+    traceback in ``error_file`` without the exception's module path."""
+    if pickled_error_file and Path(pickled_error_file).is_file():
+        from ray import cloudpickle
+
+        try:
+            err = cloudpickle.loads(Path(pickled_error_file).read_bytes())
+        except Exception:  # an exception class that no longer imports: the text file still tells
+            err = None
+        cause = getattr(err, "cause", None) or err
+        if isinstance(cause, UserError):
+            return f"{type(cause).__name__}: {cause}"
+    if not error_file or not Path(error_file).is_file():
+        return "failed (no error file)"
+    lines = [line.strip() for line in Path(error_file).read_text(errors="replace").splitlines() if line.strip()]
+    if not lines:
+        return "failed (empty error file)"
+    name, sep, message = lines[-1].partition(": ")
+    return f"{name.rsplit('.', 1)[-1]}{sep}{message}"
+
+
+def ranked_table(outcomes: list[TrialOutcome], keys: list[str], metric: str, mode: str) -> pd.DataFrame:
+    """Every trial: scored ones (FINISHED, STOPPED) best first, then the failed ones with their
+    reason; searched values and wall time (quality per hour is the aim)."""
+    rows = [
+        {"trial_id": o.trial_id, "status": o.status, metric: o.metrics.get(metric, np.nan), "sets_evaluated": o.metrics.get("sets_evaluated", 0),
+         "minutes": o.minutes, **{k: o.params.get(k) for k in keys}, "reason": o.reason}
+        for o in outcomes
+    ]
+    table = pd.DataFrame(rows, columns=["trial_id", "status", metric, "sets_evaluated", "minutes", *keys, "reason"])
+    failed = table["status"] == "ERROR"
+    scored = table[~failed].sort_values(metric, ascending=mode == "min", na_position="last")
+    return pd.concat([scored, table[failed]]).reset_index(drop=True)
+
+
+def readable(value: Any) -> str:
+    """A table cell: floats to 4 significant digits (1e-05 stays 1e-05, not 0.0000), NaN and None empty."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """The ranking as markdown: a rank for every scored trial, ``-`` for a failed one."""
+    columns = [c for c in table.columns if c != "trial_id" and (c != "reason" or table["reason"].astype(bool).any())]
+    lines = ["| rank | trial | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 2)]
+    for rank, row in enumerate(table.to_dict("records"), 1):
+        shown = "-" if row["status"] == "ERROR" else str(rank)
+        lines.append(f"| {shown} | {row['trial_id']} | " + " | ".join(readable(row[c]).replace("|", "/") for c in columns) + " |")
     return "\n".join(lines)

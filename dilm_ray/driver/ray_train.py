@@ -8,12 +8,17 @@ generator with the loop state every ``checkpoint_every`` steps; a restarted work
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from dilm_ray.config import Config
+from dilm_ray.errors import UserError
 from dilm_ray.layout import RunLayout
 
 STAGES = ("pretrain", "distill")
@@ -24,13 +29,46 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     ``loop_config``: ``cfg`` (the config as a dict), ``stage`` (``pretrain`` or ``distill``),
     ``source`` (the generator folder to start from; None: ``generator.model``), ``run_id`` and
-    ``tracking_uri`` (MLflow; None: no MLflow metrics).
+    ``tracking_uri`` (MLflow; None: no MLflow metrics), ``progress`` (a ``progress.ProgressBoard``
+    actor that rank 0 tells its step and metrics, or None). Everything the worker prints goes to
+    ``RunLayout.worker_log(stage, rank)``.
     """
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    with worker_output(RunLayout(Config.model_validate(loop_config["cfg"]).run_dir).worker_log(loop_config["stage"], rank)):
+        _train_worker(loop_config)
+
+
+@contextmanager
+def worker_output(path: Path) -> Iterator[None]:
+    """Point this process's stdout and stderr (file descriptors 1 and 2, so C++ and tqdm output
+    too) at ``path``, appended to, and restore them afterwards."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "a", buffering=1) as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def _train_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     from dilm_ray.data import load_data
     from dilm_ray.models.generator import build_generator
     from dilm_ray.seeding import setup_torch
+    from dilm_ray.driver.progress import BoardLogger
     from dilm_ray.tracking.loggers import ConsoleLogger, MLflowLogger, MultiLogger
     from dilm_ray.train.runtime import Runtime
     from dilm_ray.train.state import TrainState
@@ -53,10 +91,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         import mlflow
 
         mlflow.set_tracking_uri(loop_config["tracking_uri"])
-    logger = MultiLogger(ConsoleLogger(stage, runtime.is_main), MLflowLogger(stage, loop_config.get("run_id"), runtime.is_main))
+    progress = loop_config.get("progress") if runtime.is_main else None
+    logger = MultiLogger(
+        ConsoleLogger(stage, runtime.is_main), BoardLogger(progress, stage), MLflowLogger(stage, loop_config.get("run_id"), runtime.is_main)
+    )
     section = cfg.pretrain if stage == "pretrain" else cfg.distill
 
     def on_step(st: TrainState, metrics: dict[str, float]) -> None:
+        if progress is not None:
+            progress.update.remote(st.step, {k: f"{v:.4g}" for k, v in metrics.items() if k != "lr"})
         final = st.step == section.steps
         save = st.step % section.checkpoint_every == 0 or final
         if not (save or metrics):
@@ -87,6 +130,19 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     shutil.rmtree(local, ignore_errors=True)
 
 
+def worker_user_error(err: BaseException) -> UserError | None:
+    """The first ``UserError`` a Train worker raised, from Ray Train's ``WorkerGroupError``
+    (its ``worker_failures`` by rank; Ray may wrap each in a ``RayTaskError`` that keeps the
+    original as ``cause``); None when the failure is not the user's to fix."""
+    failures = getattr(err, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        failure = failures[rank]
+        cause = getattr(failure, "cause", None) or failure
+        if isinstance(cause, UserError):
+            return cause
+    return None
+
+
 def storage_root(cfg: Config) -> Path:
     """Where Ray Train keeps the stages' checkpoints: ``ray.storage_path`` or ``<run>/ray``."""
     return Path(cfg.ray.storage_path or RunLayout(cfg.run_dir).ray).expanduser().resolve()
@@ -101,20 +157,26 @@ def fit_stage(
     generator into the run folder (``RunLayout.generator(stage)``). With ``resume`` it continues
     from the stage's latest Ray checkpoint, if any; without, it starts clean.
 
-    Raises ``RuntimeError`` when the trainer ends without a checkpoint.
+    Raises ``RuntimeError`` when the trainer ends without a checkpoint, and a worker's
+    ``UserError`` (``GenerationError`` among them) as itself, its message prefixed by the stage,
+    so the command ends in one line rather than Ray's traceback of the worker.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from dilm_ray.driver.progress import board, follow
     from dilm_ray.driver.ray_env import ensure_ray
 
     ensure_ray(cfg)
     storage, name = storage_root(cfg), f"{cfg.name}-{stage}"
     if not resume:  # the same name restores the earlier run's snapshot: start clean unless resuming
         shutil.rmtree(storage / name, ignore_errors=True)
+    progress = board()
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "stage": stage, "source": source, "run_id": run_id, "tracking_uri": tracking_uri},
+        train_loop_config={
+            "cfg": cfg.to_dict(), "stage": stage, "source": source, "run_id": run_id, "tracking_uri": tracking_uri, "progress": progress,
+        },
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker={"CPU": cfg.ray.cpus_per_worker}
         ),
@@ -127,7 +189,14 @@ def fit_stage(
             callbacks=callbacks,
         ),
     )
-    result = trainer.fit()
+    try:
+        with follow(progress, stage, (cfg.pretrain if stage == "pretrain" else cfg.distill).steps):
+            result = trainer.fit()
+    except TrainingFailedError as err:
+        cause = worker_user_error(err)
+        if cause is None:
+            raise
+        raise type(cause)(f"stage {stage}: {cause}") from None
     if result.checkpoint is None:
         raise RuntimeError(f"{stage} finished without a checkpoint")
     out = RunLayout(cfg.run_dir).generator(stage)

@@ -120,12 +120,13 @@ def distill(
     loss), with ``cfg.learner_steps`` learner updates on real data between them (Sec. 3.2).
     ``teacher_embeddings``: float [len(train), hidden], else ``learner.embed(train)``.
     ``on_outer_loop`` gets the state and the summary: ``match_loss`` (in [0, 2]), ``grad_sim``
-    (in [-1, 1]), ``syn_lm_loss`` / ``lm_loss`` (nats/token), ``dropped_samples`` (count),
+    (in [-1, 1]), ``syn_lm_loss`` / ``lm_loss`` (nats/token), ``dropped_samples`` and
+    ``constrained_samples`` (counts per pool, ``Generator.generate``),
     ``seconds_*`` (cumulative seconds) and ``lr``, averaged over workers; with
     ``cfg.label_filter`` also ``pool_consistent`` (fraction of pool rows the filter kept). Forward passes run in
     ``runtime.precision`` (bf16: autocast, frozen generator layers held in bf16, fp32 master
     weights; head gradients, sample weights and the matching loss in fp32). Returns the state with
-    ``step == cfg.steps``. Raises RuntimeError when the generator cannot produce well-formed samples.
+    ``step == cfg.steps``. Raises ``GenerationError`` when the generator cannot produce well-formed samples.
     """
     num_labels = gen.task.num_labels
     # adapters drawn from the unoffset seed: every worker starts from the same ones
@@ -167,8 +168,11 @@ def distill(
             if label_filter is not None:
                 learner.reset(seed + ol)  # the filter reads pretrained-body embeddings, as it was fitted on
             with runtime.autocast():
-                pool, syn_batches, dropped, consistent = _synthetic_pool(gen, learner, cfg, gen_cfg, torch_rng, seed + ol, label_filter)
-            history.append({"dropped_samples": float(dropped), **({"pool_consistent": consistent} if label_filter is not None else {})})
+                pool, syn_batches, dropped, constrained, consistent = _synthetic_pool(gen, learner, cfg, gen_cfg, torch_rng, seed + ol, label_filter)
+            history.append({
+                "dropped_samples": float(dropped), "constrained_samples": float(constrained),
+                **({"pool_consistent": consistent} if label_filter is not None else {}),
+            })
         seconds["seconds_generate"] += time.perf_counter() - start
         learner.reset(seed + ol)
         torch.manual_seed(seed + ol)  # dropout in the inner loop
@@ -207,15 +211,16 @@ def distill(
 def _synthetic_pool(gen, learner, cfg: DistillConfig, gen_cfg: GeneratorConfig, torch_rng, seed: int, label_filter: LabelFilter | None = None):
     """Generate ``gm_syn_dpc x inner_loop x generate_interval`` samples per label and batch them
     by ``pool_batches`` (after the label filter, when given). Returns (pool, batches, malformed
-    samples dropped, fraction of rows the filter judged consistent; 1.0 without a filter)."""
+    samples dropped, samples decoded under the task's format, fraction of rows the filter judged
+    consistent; 1.0 without a filter)."""
     per_label = cfg.gm_syn_dpc * cfg.inner_loop * cfg.generate_interval
-    pool, dropped = gen.generate_all(per_label, gen_cfg, torch_rng)
+    pool, dropped, constrained = gen.generate_all(per_label, gen_cfg, torch_rng)
     emb = learner.embed(pool)
     labels = torch.as_tensor(pool.labels)
     proba = label_filter(emb) if label_filter is not None else None
     batches = pool_batches(emb, labels, gen.task.num_labels, cfg.gm_syn_dpc, cfg.inner_loop * cfg.generate_interval, seed, proba)
     consistent = 1.0 if proba is None else float(consistent_mask(labels, proba).float().mean())
-    return pool, batches, dropped, consistent
+    return pool, batches, dropped, constrained, consistent
 
 
 def _matching_step(
