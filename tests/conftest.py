@@ -40,6 +40,21 @@ def toy_sentences(n: int, seed: int, pair: bool = False) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def toy_glue(out: Path, task: str) -> Path:
+    """``out`` in the GLUE parquet layout of the built-in ``task`` (its columns, labels and
+    validation split), in the tiny tokenizer's words: 3 words per text, 30 train rows per label."""
+    columns = {"sst2": ("sentence",), "mnli": ("premise", "hypothesis"), "qqp": ("question1", "question2")}[task]
+    labels = 3 if task == "mnli" else 2
+    validation = "validation_matched" if task == "mnli" else "validation"
+    words = NEG + POS + FILLER
+    out.mkdir(parents=True)
+    for split, n in (("train", 30 * labels), (validation, 12 * labels)):
+        rows = [{**{c: " ".join(words[(i * 7 + j * 3 + k * 5) % len(words)] for k in range(3)) for j, c in enumerate(columns)},
+                 "label": i % labels, "idx": i} for i in range(n)]
+        pd.DataFrame(rows).to_parquet(out / f"{split}.parquet")
+    return out
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers

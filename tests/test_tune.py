@@ -98,10 +98,12 @@ def test_failed_trials_are_ranked_last_and_a_sweep_that_only_fails_exits_1(tiny_
     assert any(line.startswith("| - | ") and "| ERROR |" in line for line in result.output.splitlines())
     assert (tmp_path / "runs" / "fails" / "tune" / "best.yaml").is_file()
 
-    result = CliRunner().invoke(main, [*base, "name=allfail", "tune.space={distill.inner_loop: {type: grid, values: [3]}}"])
+    # the same name: stage 1 is reused, and the earlier sweep's best.yaml must not pass for this one's
+    result = CliRunner().invoke(main, [*base, "tune.space={distill.inner_loop: {type: grid, values: [3]}}"])
     assert result.exit_code == 1 and not isinstance(result.exception, (AssertionError, KeyError)), result.output
     lines = [line for line in result.output.splitlines() if line.startswith("  trial ")]
     assert len(lines) == 1 and "must be a multiple of distill.inner_loop=3" in lines[0]
     assert "Traceback" not in result.output
-    assert len(pd.read_csv(tmp_path / "runs" / "allfail" / "tune" / "ranking.csv")) == 1
-    assert not (tmp_path / "runs" / "allfail" / "tune" / "best.yaml").exists()
+    assert len(pd.read_csv(tmp_path / "runs" / "fails" / "tune" / "ranking.csv")) == 1
+    assert not (tmp_path / "runs" / "fails" / "tune" / "best.yaml").exists()
+    assert not (tmp_path / "runs" / "fails" / "tune" / "best-distilled").exists()

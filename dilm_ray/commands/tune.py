@@ -151,6 +151,9 @@ def run_sweep(cfg: Config, resume: bool = False) -> str:
             tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
         else:
             shutil.rmtree(path, ignore_errors=True)
+            for stale in (out / "ranking.csv", out / "best.yaml"):  # an earlier sweep's: never this one's result
+                stale.unlink(missing_ok=True)
+            shutil.rmtree(out / "best-distilled", ignore_errors=True)
             tuner = tune.Tuner(
                 trainable,
                 param_space=search_space(cfg.tune.space),

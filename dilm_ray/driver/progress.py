@@ -97,7 +97,7 @@ def follow(handle: Any, desc: str, total: int) -> Iterator[None]:
         thread.join()
         try:
             draw()
-        except Exception:
+            ray.kill(handle)
+        except Exception:  # Ray already gone: the stage's own outcome is what the caller sees
             pass
         bar.close()
-        ray.kill(handle)

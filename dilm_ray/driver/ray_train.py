@@ -24,6 +24,9 @@ from dilm_ray.layout import RunLayout
 STAGES = ("pretrain", "distill")
 
 
+BAR_METRICS = ("lm_loss", "match_loss", "grad_sim")  # shown beside a stage's bar; every metric prints at log steps
+
+
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Per-worker entry point: rebuild everything from the config, resume if Ray hands a checkpoint.
 
@@ -99,7 +102,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
 
     def on_step(st: TrainState, metrics: dict[str, float]) -> None:
         if progress is not None:
-            progress.update.remote(st.step, {k: f"{v:.4g}" for k, v in metrics.items() if k != "lr"})
+            progress.update.remote(st.step, {k: f"{v:.4g}" for k, v in metrics.items() if k in BAR_METRICS})
         final = st.step == section.steps
         save = st.step % section.checkpoint_every == 0 or final
         if not (save or metrics):

@@ -5,6 +5,8 @@ DiLM Sec. 4 reports the mean and std of the score over evaluation runs.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy import stats
 
@@ -25,7 +27,9 @@ def welch_p(a: list[float], b: list[float]) -> float:
     """
     if len(a) < 2 or len(b) < 2 or (np.var(a) == 0 and np.var(b) == 0):
         return float("nan")
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    with warnings.catch_warnings():  # scipy's "precision loss" on nearly equal runs: nothing for a user to do
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
 def welch_ci(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float]:
