@@ -8,7 +8,8 @@ setup:
 test: setup
 	.venv/bin/python -m pytest -q -m "not slow"
 
-# The tests marked slow: the shipped SST-2 and QQP CPU configs through tune and run (~10 min).
+# The tests marked slow: every shipped CPU config through tune and run with the packaged models
+# (each over 15 min on a 2-core AVX2 CPU).
 test-slow: setup
 	.venv/bin/python -m pytest -q -m slow
 

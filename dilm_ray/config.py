@@ -59,8 +59,9 @@ class GeneratorConfig(_Section):
     lora_alpha: float | None = Field(None, gt=0.0, description="LoRA scale numerator (scale alpha / rank); None: 2 x lora_rank")
     constrained_decoding: Literal["fallback", "always"] = Field(
         "fallback",
-        description="fallback: sample freely, regenerate malformed samples, decode under the task's format only what is missing "
-        "after synthesize.max_attempts rounds; always: decode every sample under it (well-formed by construction)",
+        description="fallback: sample freely, regenerate malformed samples, decode under the task's format what is missing after "
+        "the rounds (synthesize.max_attempts; 10 in stage 2), or after the first round when it keeps under half; "
+        "always: decode every sample under it (well-formed by construction)",
     )
 
     @model_validator(mode="after")
@@ -134,7 +135,7 @@ class SynthesizeConfig(_Section):
     over_sample_ratio: int = Field(10, ge=1, description="generate dpc x ratio per class, keep dpc by K-centers")
     n_datasets: int = Field(20, ge=1)
     select: Literal["k_centers", "random"] = "k_centers"
-    max_attempts: int = Field(10, ge=1, description="rounds of regeneration for malformed samples")
+    max_attempts: int = Field(10, ge=1, description="rounds of regeneration for malformed samples, then as many under the task's format")
 
     @model_validator(mode="after")
     def _positive_dpc(self) -> SynthesizeConfig:

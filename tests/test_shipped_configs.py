@@ -20,15 +20,16 @@ import yaml
 
 from tests.conftest import toy_glue
 
-CONFIGS = sorted(Path("configs").glob("*-cpu.yaml"))
+REPO = Path(__file__).parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*-cpu.yaml"))
 CASES = [pytest.param(p, "tiny", id=f"{p.stem}-tiny") for p in CONFIGS if p.stem == "mnli-cpu"] + [
     pytest.param(p, "packaged", id=f"{p.stem}-packaged", marks=pytest.mark.slow) for p in CONFIGS
 ]
 
 def _data_path(config: Path, tmp_path: Path, models: str) -> str:
     shipped = yaml.safe_load(config.read_text())["data"]
-    if models == "packaged" and Path(shipped["path"]).is_dir():
-        return str(Path(shipped["path"]).resolve())
+    if models == "packaged" and (REPO / shipped["path"]).is_dir():  # the configs' paths are relative to the checkout
+        return str((REPO / shipped["path"]).resolve())
     return str(toy_glue(tmp_path / "glue", shipped["task"]))
 
 
@@ -39,7 +40,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.integration
 @pytest.mark.parametrize(("config", "models"), CASES)
 def test_shipped_config_tunes_and_runs_on_its_task(config, models, tmp_path, request):
-    repo = Path.cwd()
+    repo = REPO
     sized = [
         f"data.path={_data_path(config, tmp_path, models)}", f"output_dir={tmp_path / 'runs'}", "tracking.enabled=false",
         "data.max_train_samples=60", "data.max_validation_samples=30", "data.balanced=true",

@@ -36,14 +36,16 @@ def test_ranking_lists_every_trial_scored_first_failed_last():
     assert "reason" not in to_markdown(ranked_table(outcomes[:1], ["distill.lr"], "accuracy", "max"))
 
 
-def test_error_reason_is_the_last_line_without_module_path(tmp_path):
+def test_error_reason_is_the_exception_line_without_module_path():
     from dilm_ray.commands.tune import error_reason
+    from dilm_ray.errors import GenerationError
 
-    f = tmp_path / "error.txt"
-    f.write_text("Traceback (most recent call last):\n  File x\nray.exceptions.RayTaskError(GenerationError): ray::f()\n"
-                 "dilm_ray.errors.GenerationError: stage distill: the generator wrote only 1/120\n\n")
-    assert error_reason(str(f)) == "GenerationError: stage distill: the generator wrote only 1/120"
-    assert error_reason(None) == "failed (no error file)"
+    trace = ("Traceback (most recent call last):\n  File x\nray.exceptions.RayTaskError(ValueError): ray::f()\n"
+             "builtins.ValueError: kmeans needs 1 <= k <= n\n  hint: use 1e-5 for v0.2.\n\n")
+    assert error_reason(None, trace) == "ValueError: kmeans needs 1 <= k <= n"
+    assert error_reason(GenerationError("stage distill: the generator wrote only 1/120"), trace) == (
+        "GenerationError: stage distill: the generator wrote only 1/120")
+    assert error_reason(None, None) == "failed (no error recorded)"
 
 
 @pytest.mark.integration

@@ -8,6 +8,7 @@ sweep, one child run per trial (``MLflowLoggerCallback`` on the driver closes AS
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,7 +218,11 @@ def trial_outcomes(experiment_path: str, n_sets: int) -> list[TrialOutcome]:
     for trial in ExperimentAnalysis(experiment_path).trials:
         metrics = dict(trial.last_result or {})
         if trial.status == "ERROR":
-            status, reason = "ERROR", error_reason(trial.error_file, trial.pickled_error_file)
+            try:  # read from the sweep's storage (the session's staging copy may be gone)
+                pickled, text = trial.get_pickled_error(), trial.get_error()
+            except Exception:  # an exception class that no longer imports, an unreadable file
+                pickled, text = None, None
+            status, reason = "ERROR", error_reason(pickled, str(text) if text is not None else None)
         else:
             status, reason = ("FINISHED" if metrics.get("sets_evaluated", 0) >= n_sets else "STOPPED"), ""
         params = {k: v for k, v in trial.config.items()}
@@ -225,27 +230,19 @@ def trial_outcomes(experiment_path: str, n_sets: int) -> list[TrialOutcome]:
     return outcomes
 
 
-def error_reason(error_file: str | None, pickled_error_file: str | None = None) -> str:
-    """One line on why a trial failed: a ``UserError``'s own message (``pickled_error_file``,
-    Tune's pickled exception, unwrapped from Ray's ``RayTaskError``), else the last line of the
-    traceback in ``error_file`` without the exception's module path."""
-    if pickled_error_file and Path(pickled_error_file).is_file():
-        from ray import cloudpickle
-
-        try:
-            err = cloudpickle.loads(Path(pickled_error_file).read_bytes())
-        except Exception:  # an exception class that no longer imports: the text file still tells
-            err = None
-        cause = getattr(err, "cause", None) or err
-        if isinstance(cause, UserError):
-            return f"{type(cause).__name__}: {cause}"
-    if not error_file or not Path(error_file).is_file():
-        return "failed (no error file)"
-    lines = [line.strip() for line in Path(error_file).read_text(errors="replace").splitlines() if line.strip()]
+def error_reason(error: BaseException | None, trace: str | None) -> str:
+    """One line on why a trial failed: a ``UserError``'s own message (``error``: Tune's pickled
+    exception, unwrapped from Ray's ``RayTaskError``), else the exception line of the traceback
+    ``trace`` (the last line that starts with an exception name), without its module path."""
+    cause = getattr(error, "cause", None) or error
+    if isinstance(cause, UserError):
+        return f"{type(cause).__name__}: {cause}"
+    lines = [line.strip() for line in (trace or "").splitlines() if line.strip()]
     if not lines:
-        return "failed (empty error file)"
-    name, sep, message = lines[-1].partition(": ")
-    return f"{name.rsplit('.', 1)[-1]}{sep}{message}"
+        return "failed (no error recorded)"
+    exception_lines = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Exit|Interrupt|Failed)\b", line)]
+    line = exception_lines[-1] if exception_lines else lines[-1]
+    return re.sub(r"^(?:\w+\.)+(?=\w+(?:\(|:|$))", "", line)
 
 
 def ranked_table(outcomes: list[TrialOutcome], keys: list[str], metric: str, mode: str) -> pd.DataFrame:

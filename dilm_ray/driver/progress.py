@@ -63,8 +63,8 @@ class BoardLogger:
 @contextmanager
 def follow(handle: Any, desc: str, total: int) -> Iterator[None]:
     """Draw ``handle``'s progress as a tqdm bar on the driver while the block runs (a daemon
-    thread polls every ``POLL_SECONDS``); metric lines print above the bar. The actor is killed
-    at the end."""
+    thread polls every ``POLL_SECONDS``, each poll bounded by a timeout); metric lines print
+    above the bar. The actor is killed at the end."""
     import ray
     from tqdm.auto import tqdm
 
@@ -72,7 +72,7 @@ def follow(handle: Any, desc: str, total: int) -> Iterator[None]:
     done = threading.Event()
 
     def draw() -> None:
-        step, postfix, lines = ray.get(handle.take.remote())
+        step, postfix, lines = ray.get(handle.take.remote(), timeout=POLL_SECONDS * 4)
         for line in lines:
             bar.write(line)
         if step is not None and step != bar.n:
@@ -94,7 +94,7 @@ def follow(handle: Any, desc: str, total: int) -> Iterator[None]:
         yield
     finally:
         done.set()
-        thread.join()
+        thread.join(timeout=POLL_SECONDS * 8)  # a stuck poll must not hold up Ctrl-C
         try:
             draw()
             ray.kill(handle)

@@ -21,8 +21,8 @@ def ensure_ray(cfg: Config) -> None:
     Worker output is not forwarded to the terminal (``log_to_driver=False``): Train workers write
     their own log files and the driver draws their progress (``driver.progress``); evaluation
     tasks return what they measured. Forwarded, tqdm redraws and Ray's own worker chatter filled
-    ``make run``'s terminal with hundreds of empty ``(RayTrainWorker pid=...)`` lines. Ray keeps
-    every worker's output in its session logs too. For a Ray this process starts itself (no
+    ``make run``'s terminal with hundreds of empty ``(RayTrainWorker pid=...)`` lines. Other
+    workers' output stays in Ray's session logs (``/tmp/ray/session_*/logs``). For a Ray this process starts itself (no
     ``ray.address``), the note that token authentication is on by default is silenced: the
     token is generated locally and there is nothing to do about it.
 

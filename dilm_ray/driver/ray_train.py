@@ -45,24 +45,30 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
 @contextmanager
 def worker_output(path: Path) -> Iterator[None]:
-    """Point this process's stdout and stderr (file descriptors 1 and 2, so C++ and tqdm output
-    too) at ``path``, appended to, and restore them afterwards."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Point this process's stdout and stderr (their file descriptors, so C++ and tqdm output
+    too) at ``path``, appended to, and restore them afterwards. Where ``path`` cannot be
+    written (a run folder that is not on this node), the output stays in Ray's worker log."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(path, "a", buffering=1)
+    except OSError:
+        yield
+        return
+    fds = sys.stdout.fileno(), sys.stderr.fileno()
     sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(path, "a", buffering=1) as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
+    saved = [os.dup(fd) for fd in fds]
+    with log:
+        for fd in fds:
+            os.dup2(log.fileno(), fd)
         try:
             yield
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
+            for fd, old in zip(fds, saved):
+                os.dup2(old, fd)
+                os.close(old)
 
 
 def _train_worker(loop_config: dict[str, Any]) -> None:
@@ -101,9 +107,11 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     section = cfg.pretrain if stage == "pretrain" else cfg.distill
 
     def on_step(st: TrainState, metrics: dict[str, float]) -> None:
-        if progress is not None:
-            progress.update.remote(st.step, {k: f"{v:.4g}" for k, v in metrics.items() if k in BAR_METRICS})
         final = st.step == section.steps
+        if progress is not None:
+            sent = progress.update.remote(st.step, {k: f"{v:.4g}" for k, v in metrics.items() if k in BAR_METRICS})
+            if final:  # calls from one caller run in order: the last lines and step reach the board before the workers end
+                ray.get(sent, timeout=30)
         save = st.step % section.checkpoint_every == 0 or final
         if not (save or metrics):
             return

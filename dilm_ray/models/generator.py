@@ -6,6 +6,7 @@ gradient matching (Sec. 3.2); its samples become the distilled sets (Sec. 3.3).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from collections.abc import Sequence
@@ -118,6 +119,12 @@ class Generator:
         banned = {*self.prefix, *self.bos_ids} | (set() if self.task.is_pair else {self.sep_id})
         return sorted(banned - {self.eos_id})  # GPT-2's BOS is its EOS
 
+    @property
+    def constrained_room(self) -> int:
+        """Tokens a constrained sample may take: what ``encode`` keeps between the prompt and EOS
+        (``max_length - len(prompt) - 1``), so that no forced token is cut when the sample is scored."""
+        return self.max_length - len(self.prompt(0)) - 1
+
     @functools.cached_property
     def sample_format(self) -> SampleFormat:
         """The task's format for constrained decoding: ``len(text_columns)`` parts joined by
@@ -125,7 +132,7 @@ class Generator:
         cut at half (a third, ...) of the room after the prompt. Decodes every vocabulary entry
         once (~1 s for 49k tokens)."""
         parts = len(self.task.text_columns)
-        room = self.max_length - len(self.prompt(0))
+        room = self.constrained_room
         visible = torch.zeros(self.model.get_output_embeddings().weight.shape[0], dtype=torch.bool)  # rows past the tokenizer: never
         for i in range(min(len(self.tokenizer), len(visible))):
             visible[i] = bool(self.tokenizer.decode([i], skip_special_tokens=True).strip())
@@ -136,7 +143,8 @@ class Generator:
     def sample(self, label: int, n: int, cfg: GeneratorConfig, rng: torch.Generator, constrained: bool = False) -> list[list[int]]:
         """``n`` token sequences after the prompt (without it), cut at EOS.
 
-        Each a list of at most ``max_length - len(prompt)`` ids, EOS excluded; top-k/top-p
+        Each a list of at most ``max_length - len(prompt)`` ids (``constrained_room`` when
+        constrained), EOS excluded; top-k/top-p
         sampling at ``cfg.temperature`` in batches of ``cfg.generate_batch_size``, drawn from
         ``rng`` (a CPU generator). ``constrained``: decode under ``sample_format`` (every
         sequence then has the task's number of non-empty parts; see ``constrain_logits``).
@@ -145,12 +153,15 @@ class Generator:
         out: list[list[int]] = []
         was_training = self.model.training
         self.model.eval()
-        fmt = self.sample_format if constrained else None
+        fmt = None
+        if constrained:  # the vocabulary mask moves to the device once per call, not per step
+            fmt = dataclasses.replace(self.sample_format, visible=self.sample_format.visible.to(self.device))
         for start in range(0, n, cfg.generate_batch_size):
             size = min(cfg.generate_batch_size, n - start)
             prompt = torch.tensor([self.prompt(label)] * size, dtype=torch.long, device=self.device)
+            limit = self.constrained_room if constrained else self.max_length - prompt.shape[1]
             out += sample_tokens(
-                self.model, prompt, self.max_length - prompt.shape[1], cfg.top_k, cfg.top_p, cfg.temperature, self.eos_id, rng, self.banned_ids, fmt
+                self.model, prompt, limit, cfg.top_k, cfg.top_p, cfg.temperature, self.eos_id, rng, self.banned_ids, fmt
             )
         self.model.train(was_training)
         return out
@@ -177,8 +188,8 @@ class Generator:
 
         ``cfg.constrained_decoding``: ``fallback`` samples freely and regenerates malformed samples
         (``parse``) for up to ``max_attempts`` rounds, then decodes what is still missing under the
-        task's format (``sample_format``) for up to ``max_attempts`` more; it turns to the format
-        at once when the first round keeps fewer than half its samples (rejection would then cost
+        task's format (``sample_format``) for up to ``max_attempts`` more rounds; it turns to the
+        format after the first round when that round keeps fewer than half its samples (rejection would then cost
         rounds for little: an 80-step MNLI generator kept 0 of 20). ``always`` decodes every round
         under it. Free sampling draws from the LM conditioned on a well-formed sample; constrained
         decoding bends each step toward the format, so it is the fallback by default. Runs whose
@@ -187,32 +198,41 @@ class Generator:
 
         The set has ``n`` rows labelled ``label``; ``dropped`` counts the malformed samples
         regenerated, ``constrained`` the kept samples decoded under constraints. Raises
-        ``GenerationError`` (a ``UserError``) when every round together gives fewer than ``n``.
+        ``GenerationError`` (a ``UserError``) at once when ``max_length`` leaves no room for the
+        format, and when every round together gives fewer than ``n``.
         """
+        parts = len(self.task.text_columns)
+        if self.constrained_room < 2 * parts - 1:
+            raise GenerationError(
+                f"generator.max_length={self.max_length} leaves {self.constrained_room} tokens after the prompt and before EOS: "
+                f"too few for {parts} texts joined by <sep> (raise generator.max_length)"
+            )
         texts: list[tuple[str, ...]] = []
-        dropped = constrained = 0
-        always = cfg.constrained_decoding == "always"
-        rounds = max_attempts if always else 2 * max_attempts
-        turned = always
-        for attempt in range(rounds):
-            need = n - len(texts)
-            if need <= 0:
-                break
-            under = turned or attempt >= max_attempts
-            for ids in self.sample(label, need, cfg, rng, constrained=under):
+        dropped = constrained = rounds = 0
+        free_left = 0 if cfg.constrained_decoding == "always" else max_attempts
+        constrained_left = max_attempts
+        while len(texts) < n and (free_left or constrained_left):
+            under = free_left == 0
+            if under:
+                constrained_left -= 1
+            else:
+                free_left -= 1
+            rounds += 1
+            for ids in self.sample(label, n - len(texts), cfg, rng, constrained=under):
                 parsed = self.parse(ids)
                 if parsed is None:
                     dropped += 1
                 else:
                     texts.append(parsed)
                     constrained += under
-            turned = turned or (attempt == 0 and 2 * len(texts) < n)
+            if rounds == 1 and not under and 2 * len(texts) < n:
+                free_left = 0  # rejection would cost rounds for little: turn to the format now
         if len(texts) < n:
             raise GenerationError(
                 f"the generator wrote only {len(texts)}/{n} well-formed samples of label {label} ({self.task.label_names[label]}) "
                 f"in {rounds} rounds ({dropped} malformed): train stage 1 longer (pretrain.steps)"
             )
-        return TextSet(self.task.text_columns, tuple(texts[:n]), np.full(n, label)), dropped, min(constrained, n)
+        return TextSet(self.task.text_columns, tuple(texts), np.full(n, label)), dropped, constrained
 
     def generate_all(self, per_label: int, cfg: GeneratorConfig, rng: torch.Generator, max_attempts: int = 10) -> tuple[TextSet, int, int]:
         """``generate`` for every label: ``per_label * num_labels`` rows grouped by label (0 first).
@@ -408,7 +428,7 @@ def constrain_logits(logits: torch.Tensor, fmt: SampleFormat, part: torch.Tensor
     last, empty = part >= fmt.parts - 1, part_len == 0
     out = logits.clone()
     if fmt.visible is not None and bool(empty.any()):
-        out = out.masked_fill(empty[:, None] & ~fmt.visible.to(out.device)[None], neg)
+        out = out.masked_fill(empty[:, None] & ~fmt.visible[None], neg)
     out[:, fmt.eos_id] = out[:, fmt.eos_id].masked_fill(~last | empty, neg)
     if fmt.parts > 1:
         out[:, fmt.sep_id] = out[:, fmt.sep_id].masked_fill(last | empty, neg)
