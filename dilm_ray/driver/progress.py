@@ -56,8 +56,9 @@ class BoardLogger:
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.enabled:
-            body = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-            self.handle.write.remote(f"[{self.prefix} {step}] {body}")
+            from dilm_ray.tracking.loggers import metric_line
+
+            self.handle.write.remote(metric_line(self.prefix, step, metrics))
 
 
 @contextmanager

@@ -14,6 +14,11 @@ class NullLogger:
         pass
 
 
+def metric_line(prefix: str, step: int, metrics: dict[str, float]) -> str:
+    """``[prefix step] key=value ...`` with 4 significant digits: how a log step reads on a terminal."""
+    return f"[{prefix} {step}] " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+
+
 class ConsoleLogger:
     def __init__(self, prefix: str, enabled: bool = True):
         self.prefix, self.enabled = prefix, enabled
@@ -22,8 +27,7 @@ class ConsoleLogger:
         if self.enabled:
             from tqdm.auto import tqdm
 
-            body = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-            tqdm.write(f"[{self.prefix} {step}] {body}")
+            tqdm.write(metric_line(self.prefix, step, metrics))
 
 
 class MLflowLogger:
