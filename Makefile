@@ -5,8 +5,9 @@ setup:
 	bash scripts/setup.sh
 
 # The suite CI runs, integration tests (packaged models, local Ray) included; not the slow ones.
+# In a loopback-only network namespace where one can be made (root): the multi-node tests need it.
 test: setup
-	.venv/bin/python -m pytest -q -m "not slow"
+	scripts/hermetic.sh .venv/bin/python -m pytest -q -m "not slow"
 
 # The tests marked slow: every shipped CPU config through tune and run with the packaged models
 # (each over 15 min on a 2-core AVX2 CPU).

@@ -19,9 +19,16 @@ from dilm_ray.config import Config, load_config
 from dilm_ray.errors import SweepFailed, UserError
 
 
+# Commands that run stages: before them, and before anything is written, ``driver.startup.startup_checks``:
+# an unreachable tracking server or Ray cluster, or a store or folder that would differ between the
+# nodes of a cluster, ends the command in one line.
+STAGE_COMMANDS = frozenset({"pretrain", "distill", "synthesize", "coreset", "tune", "evaluate", "run"})
+
+
 def _command(fn):
-    """Parse CONFIG + overrides into a validated Config; turn UserError into one line + exit 2,
-    and an interrupt (Ctrl-C, SIGTERM) into one line + exit 128 + signal."""
+    """Parse CONFIG + overrides into a validated Config, run the start-up checks for
+    ``STAGE_COMMANDS``; turn UserError into one line + exit 2, and an interrupt (Ctrl-C,
+    SIGTERM) into one line + exit 128 + signal."""
 
     @click.argument("config", type=click.Path(dir_okay=False))
     @click.argument("overrides", nargs=-1)
@@ -34,6 +41,10 @@ def _command(fn):
             os.environ.setdefault(key, value)
         try:
             cfg = load_config(config, overrides)
+            if fn.__name__ in STAGE_COMMANDS:
+                from dilm_ray.driver.startup import startup_checks
+
+                startup_checks(cfg)
             from dilm_ray.seeding import setup_torch
 
             setup_torch(cfg)

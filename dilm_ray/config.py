@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 
 from dilm_ray import precision as _precision
 from dilm_ray.errors import UserError
@@ -237,18 +237,32 @@ class TuneConfig(_Section):
 
 
 class RayConfig(_Section):
-    address: str | None = Field(None, description="None starts an embedded local Ray; else a cluster address")
+    address: str | None = Field(
+        None,
+        description="None (or local): an embedded Ray of this command's own, unless RAY_ADDRESS is set; "
+        "host:port (the GCS), auto (the cluster `ray start` started on this machine) or ray://host:port: that cluster only, "
+        "checked reachable at start-up",
+    )
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_eval_task: float = Field(0.0, ge=0.0)
     cpus_per_eval_task: float = Field(1.0, gt=0.0)
-    max_failures: int = Field(0, ge=0)
-    storage_path: str | None = None
+    max_failures: int = Field(
+        0, ge=0,
+        description="retries of a stage-1/2 worker group (from its latest checkpoint) and of a tune trial (its stage 2 resumed) after a failure, e.g. a lost node",
+    )
+    storage_path: str | None = Field(
+        None, description="Ray Train checkpoints; None: <run>/ray. A URI (s3://, gs://) is passed to Ray unchanged; a local path is made absolute"
+    )
 
 
 class TrackingConfig(_Section):
-    uri: str | None = Field(None, description="MLflow tracking URI; None uses MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; None uses MLFLOW_TRACKING_URI or sqlite:///mlflow.db in the working folder. "
+        "On a multi-node cluster use a server (http://<head>:5000); an http(s) server is checked reachable at start-up",
+    )
     experiment: str | None = Field(None, description="defaults to dilm-<task>")
     enabled: bool = True
 
@@ -280,9 +294,22 @@ class Config(_Section):
         ray = info.data.get("ray")
         return _precision.resolve(value, bool(ray and ray.use_gpu))
 
+    # ``output_dir`` as the user gave it, before ``absolute`` resolved it against the working folder
+    _given_output_dir: str | None = PrivateAttr(None)
+
+    def __eq__(self, other: object) -> bool:
+        """The fields only: ``given_output_dir`` records where a value came from, not the config."""
+        return type(other) is type(self) and self.__dict__ == other.__dict__
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+    @property
+    def given_output_dir(self) -> str:
+        """``output_dir`` as given in the YAML or an override (``runs``), where ``output_dir`` holds
+        it resolved by ``absolute`` (``/home/me/runs``); the same for a config rebuilt from a dict."""
+        return self._given_output_dir or self.output_dir
 
     def absolute(self) -> Config:
         """Paths resolved against the working folder, so that Ray workers elsewhere see the same files."""
@@ -290,7 +317,7 @@ class Config(_Section):
         def local(value: str | None) -> str | None:
             return str(Path(value).expanduser().resolve()) if value and Path(value).expanduser().exists() else value
 
-        return self.model_copy(
+        resolved = self.model_copy(
             update={
                 "output_dir": str(Path(self.output_dir).expanduser().resolve()),
                 "data": self.data.model_copy(update={"path": local(self.data.path)}),
@@ -298,6 +325,8 @@ class Config(_Section):
                 "learner": self.learner.model_copy(update={"model": local(self.learner.model)}),
             }
         )
+        resolved._given_output_dir = self.given_output_dir
+        return resolved
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

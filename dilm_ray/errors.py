@@ -13,3 +13,9 @@ class GenerationError(UserError):
 class SweepFailed(Exception):
     """Every trial of a ``dilm-ray tune`` sweep failed: the CLI prints one line per trial (its
     reason) and exits with status 1; the ranking with the failures is written first."""
+
+
+def first_line(error: BaseException | str) -> str:
+    """The first non-blank line of an exception's message (for a one-line ``UserError``), else
+    its type name: some messages are empty, and ``str(exc).splitlines()[0]`` fails on them."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)

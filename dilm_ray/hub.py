@@ -39,7 +39,7 @@ def reachable(timeout_s: float = PROBE_TIMEOUT_S) -> tuple[bool, str]:
             _state[url] = (True, "")  # it answered
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            _state[url] = (False, str(reason).splitlines()[0][:120] or type(exc).__name__)
+            _state[url] = (False, next(iter(str(reason).splitlines()), "")[:120] or type(exc).__name__)
     return _state[url]
 
 

@@ -114,7 +114,7 @@ def test_distill_runs_outer_loops_and_changes_the_generator(tiny_lm_dir, learner
     before = [p.detach().clone() for p in gen.model.parameters()]
     cfg = DistillConfig(
         steps=4, inner_loop=2, learner_steps=1, learner_batch_size=8, n_repset=1, repset_dpc=4, gm_real_dpc=4,
-        gm_real_accum=1, gm_syn_dpc=2, generate_interval=1, lr=1e-3,
+        gm_real_accum=1, gm_syn_dpc=2, generate_interval=1, lr=1e-3, log_every=2,
     )
     seen = []
     state = distill(gen, learner, train, cfg, GeneratorConfig(max_length=12), seed=0, on_outer_loop=lambda s, m: seen.append((s.step, m)))

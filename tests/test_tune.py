@@ -109,3 +109,13 @@ def test_failed_trials_are_ranked_last_and_a_sweep_that_only_fails_exits_1(tiny_
     assert len(pd.read_csv(tmp_path / "runs" / "fails" / "tune" / "ranking.csv")) == 1
     assert not (tmp_path / "runs" / "fails" / "tune" / "best.yaml").exists()
     assert not (tmp_path / "runs" / "fails" / "tune" / "best-distilled").exists()
+
+
+def test_trials_keep_their_checkpoints_under_the_sweeps_storage_path(tmp_path):
+    from dilm_ray.commands.tune import trial_config
+    from dilm_ray.config import load_config
+
+    base = load_config(None, [f"output_dir={tmp_path}", "name=sweep"])
+    assert trial_config(base, {}, "trial-a").ray.storage_path == str(tmp_path / "sweep" / "tune" / "train")
+    cloud = load_config(None, [f"output_dir={tmp_path}", "name=sweep", "ray.storage_path=s3://bucket/dilm/"])
+    assert trial_config(cloud, {"distill.lr": 1e-6}, "trial-a").ray.storage_path == "s3://bucket/dilm/sweep-tune"

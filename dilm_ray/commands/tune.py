@@ -66,13 +66,17 @@ def mlflow_callback(cfg: Config, parent: str):
 
 
 def trial_config(base: Config, params: dict[str, Any], trial_name: str) -> Config:
-    """The base config with the trial's values, written into its own run folder."""
+    """The base config with the trial's values, written into its own run folder; its stage-2
+    checkpoints go to ``<ray.storage_path>/<name>-tune`` when the sweep sets a storage path,
+    else to ``<run>/tune/train``."""
     tree = base.to_dict()
     for key, value in params.items():
         apply_override(tree, key, value)
     tree["name"] = trial_name
     tree["output_dir"] = str(RunLayout(base.run_dir).tune / "trials")
-    tree["ray"]["storage_path"] = str(RunLayout(base.run_dir).tune / "train")
+    # trials' Train checkpoints: under the user's ray.storage_path (s3://, gs://, NFS) when set
+    given = base.ray.storage_path
+    tree["ray"]["storage_path"] = f"{given.rstrip('/')}/{base.name}-tune" if given else str(RunLayout(base.run_dir).tune / "train")
     tree["tracking"]["enabled"] = False  # the driver's MLflowLoggerCallback records trials
     return validated(tree, "the trial's tune.space values")
 
@@ -80,7 +84,8 @@ def trial_config(base: Config, params: dict[str, Any], trial_name: str) -> Confi
 def run_trial(params: dict[str, Any], base_dict: dict[str, Any]) -> None:
     """One trial (runs as a Tune function trainable): stage 2 from the sweep's stage-1
     generator, stage 3, then the trial's sets evaluated one after another, reporting the
-    running mean score after each set so that ASHA can stop the trial."""
+    running mean score after each set so that ASHA can stop the trial. A retried trial
+    (``ray.max_failures``) resumes its stage 2 and keeps its written sets."""
     from ray import tune
 
     from dilm_ray.data import load_data, load_file
@@ -100,8 +105,14 @@ def run_trial(params: dict[str, Any], base_dict: dict[str, Any]) -> None:
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(shared)
     data = load_data(cfg)
-    ctx = Context(cfg, data, ("dilm",))
-    BY_NAME["distill"].run(ctx)
+    # resume: a trial that Tune retries (tune.FailureConfig, e.g. after its node died) continues
+    # its own stage 2 from the latest Train checkpoint, or skips it when done, and keeps the sets
+    # it wrote; the trial id in its name makes every folder and checkpoint its own
+    ctx = Context(cfg, data, ("dilm",), resume=True)
+    distill = BY_NAME["distill"]
+    if not distill.done(ctx):
+        distill.run(ctx)
+        distill.mark(ctx)
     written = synthesize_sets(ctx, "dilm")
     key = eval_key(cfg, data.task, data.validation, cfg.learner.model)
     cache: dict = {}
@@ -154,7 +165,8 @@ def run_sweep(cfg: Config, resume: bool = False) -> str:
             shutil.rmtree(path, ignore_errors=True)
             for stale in (out / "ranking.csv", out / "best.yaml"):  # an earlier sweep's: never this one's result
                 stale.unlink(missing_ok=True)
-            shutil.rmtree(out / "best-distilled", ignore_errors=True)
+            for stale_dir in (out / "best-distilled", out / "trials", out / "train"):  # nor its trials, which trials resume from
+                shutil.rmtree(stale_dir, ignore_errors=True)
             tuner = tune.Tuner(
                 trainable,
                 param_space=search_space(cfg.tune.space),
@@ -162,7 +174,10 @@ def run_sweep(cfg: Config, resume: bool = False) -> str:
                     metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler, num_samples=cfg.tune.num_samples,
                     max_concurrent_trials=cfg.tune.max_concurrent_trials,
                 ),
-                run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=callbacks),
+                run_config=tune.RunConfig(
+                    name=name, storage_path=str(storage), callbacks=callbacks,
+                    failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
+                ),
             )
         results = tuner.fit()
         outcomes = trial_outcomes(results.experiment_path, cfg.synthesize.n_datasets)

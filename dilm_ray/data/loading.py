@@ -14,7 +14,7 @@ import numpy as np
 from dilm_ray.config import Config, DataConfig
 from dilm_ray.data.dataset import TextSet
 from dilm_ray.data.tasks import TaskSpec, resolve_task
-from dilm_ray.errors import UserError
+from dilm_ray.errors import UserError, first_line
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
 
@@ -42,7 +42,34 @@ def _load_table(path: Path):
     try:
         return datasets.load_dataset(fmt, data_files=str(path), split="train")
     except Exception as exc:  # datasets raises many types for unreadable files
-        raise UserError(f"{path}: cannot be read as {fmt}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{path}: {_no_rows(path, fmt) or f'cannot be read as {fmt}: {first_line(exc)}'}") from None
+
+
+def _no_rows(path: Path, fmt: str) -> str | None:
+    """Why ``path`` holds no rows (an empty or blank file, a CSV with only its header), or None.
+
+    Asked only after ``datasets`` failed on the file, whose own messages for these cases are
+    empty (an ``IndexError`` on their first line) or about its builder ("Instruction 'train'
+    corresponds to no data!")."""
+    if fmt == "parquet":
+        return None
+    try:
+        with path.open("rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return None
+    if not head.strip():
+        return "the file is empty"
+    if fmt == "json" and head.strip() == b"[]":
+        return "the file holds no rows (an empty list)"
+    if fmt == "csv":
+        import pandas as pd
+
+        try:
+            return "the file has a header but no rows" if pd.read_csv(path, nrows=1).empty else None
+        except Exception:
+            return None
+    return None
 
 
 def _parquet_rows(path: Path) -> int | None:
@@ -65,7 +92,7 @@ def _load_hub(task: TaskSpec, split: str):
     try:
         return datasets.load_dataset(task.hub_path, task.hub_name, split=split)
     except Exception as exc:
-        why = f"{unreachable}, and it is not in the local cache" if unreachable else str(exc).splitlines()[0]
+        why = f"{unreachable}, and it is not in the local cache" if unreachable else first_line(exc)
         raise UserError(f"cannot load {task.hub_path}/{task.hub_name} split '{split}' from the hub ({why}); set data.path to a local folder") from None
 
 

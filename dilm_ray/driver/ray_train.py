@@ -9,6 +9,7 @@ generator with the loop state every ``checkpoint_every`` steps; a restarted work
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -85,6 +86,8 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     cfg = Config.model_validate(loop_config["cfg"])
     stage = loop_config["stage"]
     runtime = Runtime.from_environment(cfg.precision)
+    # where each rank ran, for the user reading the log after a node was lost (and for the tests)
+    print(f"[{stage}] rank {runtime.rank} of {runtime.world_size} on node {ray.get_runtime_context().get_node_id()} ({runtime.device})", flush=True)
     setup_torch(cfg, runtime.rank)
     data = load_data(cfg, need_validation=False)
     local = Path(tempfile.mkdtemp(prefix=f"dilm-{stage}-"))
@@ -102,7 +105,8 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         mlflow.set_tracking_uri(loop_config["tracking_uri"])
     progress = loop_config.get("progress") if runtime.is_main else None
     logger = MultiLogger(
-        ConsoleLogger(stage, runtime.is_main), BoardLogger(progress, stage), MLflowLogger(stage, loop_config.get("run_id"), runtime.is_main)
+        ConsoleLogger(stage, runtime.is_main), BoardLogger(progress, stage),
+        MLflowLogger(stage, loop_config.get("run_id"), runtime.is_main, resumed=checkpoint is not None),
     )
     section = cfg.pretrain if stage == "pretrain" else cfg.distill
 
@@ -154,9 +158,38 @@ def worker_user_error(err: BaseException) -> UserError | None:
     return None
 
 
-def storage_root(cfg: Config) -> Path:
-    """Where Ray Train keeps the stages' checkpoints: ``ray.storage_path`` or ``<run>/ray``."""
+def is_uri(path: str) -> bool:
+    """True for ``scheme://...`` (``s3://bucket/x``, ``gs://``, ``file://``), False for a local path."""
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path) is not None
+
+
+def storage_root(cfg: Config) -> Path | str:
+    """Where Ray Train keeps the stages' checkpoints: ``ray.storage_path`` or ``<run>/ray``.
+
+    A URI (``s3://bucket/x``, ``gs://``; see ``is_uri``) is returned unchanged, as a string, for
+    Ray to open with ``pyarrow.fs``; a local path is expanded (``~``) and made absolute against
+    the working folder, as a ``Path``.
+    """
+    if cfg.ray.storage_path and is_uri(cfg.ray.storage_path):
+        return cfg.ray.storage_path
     return Path(cfg.ray.storage_path or RunLayout(cfg.run_dir).ray).expanduser().resolve()
+
+
+def clear_storage(storage: Path | str, name: str) -> None:
+    """Delete the Ray Train run ``name`` under ``storage`` (a ``storage_root``), if it exists.
+
+    A URI is deleted through ``pyarrow.fs``, as Ray Train itself resolves storage URIs
+    (``pyarrow.fs.FileSystem.from_uri``); its errors (credentials, network) propagate.
+    """
+    if isinstance(storage, Path):
+        shutil.rmtree(storage / name, ignore_errors=True)
+        return
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+    path = f"{root.rstrip('/')}/{name}"
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+        fs.delete_dir(path)
 
 
 def fit_stage(
@@ -181,7 +214,7 @@ def fit_stage(
     ensure_ray(cfg)
     storage, name = storage_root(cfg), f"{cfg.name}-{stage}"
     if not resume:  # the same name restores the earlier run's snapshot: start clean unless resuming
-        shutil.rmtree(storage / name, ignore_errors=True)
+        clear_storage(storage, name)
     progress = board()
     trainer = TorchTrainer(
         train_worker,

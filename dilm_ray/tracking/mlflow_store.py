@@ -7,13 +7,70 @@ import json
 import os
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlsplit
 
 from dilm_ray.config import Config, flatten
+from dilm_ray.errors import UserError, first_line
 
 
 def tracking_uri(cfg: Config) -> str:
     """``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``."""
     return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def tracking_source(cfg: Config) -> str:
+    """Where ``tracking_uri`` came from, as a user would set it: ``tracking.uri``,
+    ``MLFLOW_TRACKING_URI``, or ``tracking.uri (unset: the default)``."""
+    if cfg.tracking.uri:
+        return "tracking.uri"
+    return "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking.uri (unset: the default)"
+
+
+def file_backed(uri: str) -> bool:
+    """True for a store that is a file on the machine that opens it: ``sqlite:``, ``file:`` or a
+    plain path. Such a store is a different file on every node of a cluster."""
+    if uri in ("databricks", "databricks-uc", "uc"):  # MLflow's names for Databricks workspaces, not paths
+        return False
+    scheme = urlsplit(uri).scheme.lower()
+    return scheme in ("", "file", "sqlite") or len(scheme) == 1  # one letter: a Windows drive
+
+
+SERVER_TIMEOUT_S = 3.0  # per socket operation: connect, then the answer (so at most ~6 s in all)
+
+
+def check_tracking_server(cfg: Config, timeout_s: float = SERVER_TIMEOUT_S) -> None:
+    """With tracking on and an ``http(s)://`` tracking URI, ask its ``/health`` once.
+
+    Any HTTP answer below 500 counts (an authenticating proxy may refuse ``/health``), and so
+    does a TLS handshake that fails (a server is there; its certificate is MLflow's client's
+    business). No answer within ``timeout_s`` seconds per socket operation, or a 5xx (which
+    MLflow's client retries), raises ``UserError`` naming the key the URI came from: without
+    this check, MLflow's client retries an unreachable server for minutes (4 min 14 s with its
+    default backoff) and ends in a traceback. Other URIs are not probed.
+    """
+    if not cfg.tracking.enabled:
+        return
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    uri = tracking_uri(cfg)
+    if urlsplit(uri).scheme.lower() not in ("http", "https"):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+        return
+    except urllib.error.HTTPError as exc:
+        if exc.code < 500:
+            return  # it answered
+        problem = f"the MLflow server there is failing (/health answered HTTP {exc.code})"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ssl.SSLError):
+            return
+        why = "no answer" if isinstance(reason, TimeoutError) else (getattr(reason, "strerror", None) or first_line(reason))
+        problem = f"no MLflow server answers there ({why}; {timeout_s:g} s timeout)"
+    raise UserError(f"{tracking_source(cfg)} {uri}: {problem}; start one (clusters/README.md) or set tracking.uri to a reachable one")
 
 
 def experiment_name(cfg: Config) -> str:

@@ -113,13 +113,14 @@ def distill(
     teacher_embeddings: torch.Tensor | None = None,
 ) -> TrainState:
     """Gradient matching (DiLM Alg. 1). Each worker has its own learner and synthetic pool
-    (seeds offset by rank); generator gradients are averaged across workers.
+    (seeds offset by rank); generator gradients are averaged across workers (``GradientSync``).
 
     Per outer loop: (re)generate the pool every ``cfg.generate_interval`` loops, reset the learner,
     then ``cfg.inner_loop`` generator steps on (1 - lm_lambda) * matching loss (+ lm_lambda * LM
     loss), with ``cfg.learner_steps`` learner updates on real data between them (Sec. 3.2).
     ``teacher_embeddings``: float [len(train), hidden], else ``learner.embed(train)``.
-    ``on_outer_loop`` gets the state and the summary: ``match_loss`` (in [0, 2]), ``grad_sim``
+    ``on_outer_loop`` gets the state after every outer loop, and at log steps (an empty dict
+    otherwise) the summary of the loops since the last one, which is also logged: ``match_loss`` (in [0, 2]), ``grad_sim``
     (in [-1, 1]), ``syn_lm_loss`` / ``lm_loss`` (nats/token), ``dropped_samples`` and
     ``constrained_samples`` (counts per pool, ``Generator.generate``),
     ``seconds_*`` (cumulative seconds) and ``lr``, averaged over workers; with
@@ -159,52 +160,53 @@ def distill(
     syn_batches: list[list[list[int]]] = []
     pool: TextSet | None = None
     bar = tqdm(range(first, outer_loops), desc="distill", disable=not runtime.is_main, initial=first, total=outer_loops)
-    history: list[dict[str, float]] = []
-    for ol in bar:
-        # seconds spent per phase since step 0, kept across resumes: where stage 2's time goes
-        seconds = state.extra.setdefault("seconds", {"seconds_generate": 0.0, "seconds_match": 0.0, "seconds_inner_loop": 0.0})
-        start = time.perf_counter()
-        if pool is None or (ol - first) % cfg.generate_interval == 0:
-            if label_filter is not None:
-                learner.reset(seed + ol)  # the filter reads pretrained-body embeddings, as it was fitted on
-            with runtime.autocast():
-                pool, syn_batches, dropped, constrained, consistent = _synthetic_pool(gen, learner, cfg, gen_cfg, torch_rng, seed + ol, label_filter)
-            history.append({
-                "dropped_samples": float(dropped), "constrained_samples": float(constrained),
-                **({"pool_consistent": consistent} if label_filter is not None else {}),
-            })
-        seconds["seconds_generate"] += time.perf_counter() - start
-        learner.reset(seed + ol)
-        torch.manual_seed(seed + ol)  # dropout in the inner loop
-        learner_opt = torch.optim.AdamW(learner.model.parameters(), lr=cfg.learner_lr)
-        for inner in range(cfg.inner_loop):
+    history: list[dict[str, float | torch.Tensor]] = []
+    with runtime.gradient_sync(params) as sync:
+        for ol in bar:
+            # seconds spent per phase since step 0, kept across resumes: where stage 2's time goes
+            seconds = state.extra.setdefault("seconds", {"seconds_generate": 0.0, "seconds_match": 0.0, "seconds_inner_loop": 0.0})
             start = time.perf_counter()
-            real = [train.select(np.concatenate([real_batches[y].next() for _ in range(cfg.gm_real_accum)])) for y in range(num_labels)]
-            syn = TextSet.concat([pool.select(syn_batches[y].pop()) for y in range(num_labels)])
-            metrics = _matching_step(gen, learner, real, syn, cfg, train, lm_batches, runtime)
-            runtime.average_gradients(params)
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            history.append(metrics)
-            seconds["seconds_match"] += time.perf_counter() - start
-            if inner + 1 < cfg.inner_loop:
+            if pool is None or (ol - first) % cfg.generate_interval == 0:
+                if label_filter is not None:
+                    learner.reset(seed + ol)  # the filter reads pretrained-body embeddings, as it was fitted on
+                with runtime.autocast():
+                    pool, syn_batches, dropped, constrained, consistent = _synthetic_pool(gen, learner, cfg, gen_cfg, torch_rng, seed + ol, label_filter)
+                history.append({
+                    "dropped_samples": float(dropped), "constrained_samples": float(constrained),
+                    **({"pool_consistent": consistent} if label_filter is not None else {}),
+                })
+            seconds["seconds_generate"] += time.perf_counter() - start
+            learner.reset(seed + ol)
+            torch.manual_seed(seed + ol)  # dropout in the inner loop
+            learner_opt = torch.optim.AdamW(learner.model.parameters(), lr=cfg.learner_lr)
+            for inner in range(cfg.inner_loop):
                 start = time.perf_counter()
-                _train_learner(learner, learner_opt, train, learner_batches, cfg.learner_steps, runtime)
-                seconds["seconds_inner_loop"] += time.perf_counter() - start
-        state.step = (ol + 1) * cfg.inner_loop
-        state.rng = rng.bit_generator.state
-        summary = {**_average(history), **seconds}
-        summary["lr"] = scheduler.get_last_lr()[0]
-        summary = {k: runtime.mean(v) for k, v in summary.items()}
-        if state.step % cfg.log_every == 0 or ol + 1 == outer_loops:
-            logger.log(summary, state.step)
-            history = []
-        bar.set_postfix(grad_sim=f"{summary.get('grad_sim', float('nan')):.3f}")
-        if on_outer_loop is not None:
-            state.capture_optim(optimizer, scheduler)
-            on_outer_loop(state, summary)
+                real = [train.select(np.concatenate([real_batches[y].next() for _ in range(cfg.gm_real_accum)])) for y in range(num_labels)]
+                syn = TextSet.concat([pool.select(syn_batches[y].pop()) for y in range(num_labels)])
+                metrics = _matching_step(gen, learner, real, syn, cfg, train, lm_batches, runtime)
+                sync.finish()
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                history.append(metrics)
+                seconds["seconds_match"] += time.perf_counter() - start
+                if inner + 1 < cfg.inner_loop:
+                    start = time.perf_counter()
+                    _train_learner(learner, learner_opt, train, learner_batches, cfg.learner_steps, runtime)
+                    seconds["seconds_inner_loop"] += time.perf_counter() - start
+            state.step = (ol + 1) * cfg.inner_loop
+            state.rng = rng.bit_generator.state
+            summary: dict[str, float] = {}
+            if state.step % cfg.log_every == 0 or ol + 1 == outer_loops:
+                # reduced over workers at log steps only: one all-reduce, one transfer to the host
+                summary = runtime.mean_metrics({**_average(history), **seconds, "lr": scheduler.get_last_lr()[0]})
+                logger.log(summary, state.step)
+                history = []
+                bar.set_postfix(grad_sim=f"{summary.get('grad_sim', float('nan')):.3f}")
+            if on_outer_loop is not None:
+                state.capture_optim(optimizer, scheduler)
+                on_outer_loop(state, summary)
     return state
 
 
@@ -225,8 +227,11 @@ def _synthetic_pool(gen, learner, cfg: DistillConfig, gen_cfg: GeneratorConfig, 
 
 def _matching_step(
     gen: Generator, learner: Learner, real: list[TextSet], syn: TextSet, cfg: DistillConfig, train: TextSet, lm_batches: _Cycle, runtime: Runtime = Runtime()
-) -> dict[str, float]:
+) -> dict[str, torch.Tensor]:
     """Backpropagate (1 - lm_lambda) * matching loss (+ lm_lambda * LM loss) into the generator.
+
+    Returns the step's ``match_loss``, ``grad_sim``, ``syn_lm_loss`` (and ``lm_loss``) as
+    detached 0-dim tensors on the generator's device.
 
     Forward passes (learner features, generator LM losses) run under ``runtime.autocast()``;
     per-sample gradients, sample weights and the matching loss are computed in fp32 outside it.
@@ -245,10 +250,11 @@ def _matching_step(
         g_syn.append(weighted_grad(grads.to(weights.device), weights))
     loss, sims = match_loss(g_real.to(gen_losses.device), torch.stack(g_syn))
     total = (1.0 - cfg.lm_lambda) * loss
-    metrics = {"match_loss": loss.item(), "grad_sim": sims.mean().item(), "syn_lm_loss": gen_losses.mean().item()}
+    # 0-dim tensors, turned into numbers at log steps only (an .item() per step stalls a GPU)
+    metrics = {"match_loss": loss.detach(), "grad_sim": sims.mean().detach(), "syn_lm_loss": gen_losses.mean().detach()}
     if lm is not None:
         total = total + cfg.lm_lambda * lm
-        metrics["lm_loss"] = lm.item()
+        metrics["lm_loss"] = lm.detach()
     total.backward()
     return metrics
 
@@ -268,6 +274,7 @@ def _train_learner(learner: Learner, optimizer, train: TextSet, batches: _Cycle,
         optimizer.zero_grad(set_to_none=True)
 
 
-def _average(rows: list[dict[str, float]]) -> dict[str, float]:
+def _average(rows: list[dict[str, float | torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per key, the float64 mean over the rows that have it (0-dim tensors, on their device)."""
     keys = {k for r in rows for k in r}
-    return {k: float(np.mean([r[k] for r in rows if k in r])) for k in sorted(keys)}
+    return {k: torch.stack([torch.as_tensor(r[k], dtype=torch.float64) for r in rows if k in r]).mean() for k in sorted(keys)}

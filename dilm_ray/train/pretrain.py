@@ -31,10 +31,11 @@ def pretrain(
 ) -> TrainState:
     """Run ``cfg.steps`` LM steps; each worker draws its batch share from its own shard.
 
-    ``state`` resumes a checkpointed run; ``on_step`` is called after every step (checkpointing).
+    ``state`` resumes a checkpointed run; ``on_step`` is called after every step (checkpointing)
+    with the step's metrics: empty except at log steps.
 
     Loss: mean ``lm_losses`` (nats/token); AdamW with ``cfg.scheduler``, gradients averaged across
-    workers and clipped to ``cfg.grad_clip``; what ``set_trainable`` chooses from ``gen_cfg``
+    workers (``GradientSync``: bucketed all-reduces overlapping backward) and clipped to ``cfg.grad_clip``; what ``set_trainable`` chooses from ``gen_cfg``
     (LoRA adapters, the top blocks or every parameter) and the label tokens train. A resumed
     ``state`` carries the adapters (``extra["adapter"]``). Logs ``lm_loss`` (window mean over steps
     and workers) and ``lr`` every ``cfg.log_every`` steps. Returns the state with
@@ -54,27 +55,30 @@ def pretrain(
     per_worker = max(1, cfg.batch_size // runtime.world_size)
     gen.model.train()
     bar = tqdm(range(state.step, cfg.steps), desc="pretrain", disable=not runtime.is_main, initial=state.step, total=cfg.steps)
-    window: list[float] = []
-    for step in bar:
-        batch = train.select(rng.choice(shard, size=min(per_worker, len(shard)), replace=False))
-        with runtime.autocast():
-            loss = gen.lm_losses(batch).mean()
-        loss.backward()
-        runtime.average_gradients(params)
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        window.append(runtime.mean(loss.item()))
-        metrics: dict[str, float] = {}
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            metrics = {"lm_loss": float(np.mean(window)), "lr": scheduler.get_last_lr()[0]}
-            window = []
-            logger.log(metrics, step + 1)
-            bar.set_postfix(lm_loss=f"{metrics['lm_loss']:.3f}")
-        state.step = step + 1
-        state.rng = rng.bit_generator.state
-        if on_step is not None:
-            state.capture_optim(optimizer, scheduler)
-            on_step(state, metrics)
+    window, window_steps = torch.zeros((), dtype=torch.float64, device=runtime.device), 0
+    with runtime.gradient_sync(params) as sync:
+        for step in bar:
+            batch = train.select(rng.choice(shard, size=min(per_worker, len(shard)), replace=False))
+            with runtime.autocast():
+                loss = gen.lm_losses(batch).mean()
+            loss.backward()
+            sync.finish()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            # summed on the device and reduced over workers at log steps only: no host sync per step
+            window += loss.detach().double()
+            window_steps += 1
+            metrics: dict[str, float] = {}
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                metrics = {**runtime.mean_metrics({"lm_loss": window / window_steps}), "lr": scheduler.get_last_lr()[0]}
+                window, window_steps = torch.zeros_like(window), 0
+                logger.log(metrics, step + 1)
+                bar.set_postfix(lm_loss=f"{metrics['lm_loss']:.3f}")
+            state.step = step + 1
+            state.rng = rng.bit_generator.state
+            if on_step is not None:
+                state.capture_optim(optimizer, scheduler)
+                on_step(state, metrics)
     return state
