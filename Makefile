@@ -10,7 +10,7 @@ test: setup
 	scripts/hermetic.sh .venv/bin/python -m pytest -q -m "not slow"
 
 # The tests marked slow: every shipped CPU config through tune and run with the packaged models
-# (each over 15 min on a 2-core AVX2 CPU).
+# (each over 15 min on a 2-core AVX2 CPU), and the SST-2 and QQP paper configs on stand-ins.
 test-slow: setup
 	.venv/bin/python -m pytest -q -m slow
 

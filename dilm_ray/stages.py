@@ -166,10 +166,38 @@ def generator_source(path: Path) -> str:
     return str(path)
 
 
+def check_gpu_workers(cfg: Config, stage: str, visible_gpus: int | None = None) -> None:
+    """Refuse (``UserError``, one line naming the keys) Train workers the embedded Ray could never
+    place: ``ray.use_gpu`` with more ``ray.num_workers`` than this machine has CUDA GPUs
+    (``visible_gpus``; None: ``torch.cuda.device_count()``, the GPUs this torch build can use).
+
+    Why: Ray queues a request that no node can meet until a node that can joins; the embedded
+    Ray is this machine alone, so none ever does. ``dilm-ray run configs/mnli.yaml`` as shipped
+    (4 GPU workers) on a CPU machine sat at stage 1's 0% with no word until it was stopped.
+    A cluster (``ray.address`` / ``RAY_ADDRESS``) is not checked: its autoscaler may add GPU
+    nodes, as ``clusters/*.yaml`` do.
+    """
+    from dilm_ray.driver.ray_env import asked_address
+
+    if not cfg.ray.use_gpu or asked_address(cfg) is not None:
+        return
+    if visible_gpus is None:
+        import torch
+
+        visible_gpus = torch.cuda.device_count()
+    if visible_gpus < cfg.ray.num_workers:
+        raise UserError(
+            f"stage {stage}: ray.use_gpu=true with ray.num_workers={cfg.ray.num_workers} needs {cfg.ray.num_workers} GPUs, "
+            f"and this machine has {visible_gpus} that torch can use: set ray.use_gpu=false, lower ray.num_workers, "
+            "or connect to a GPU cluster (ray.address)"
+        )
+
+
 def _fit(stage: str) -> Callable[[Context], Path]:
     def run(ctx: Context) -> Path:
         from dilm_ray.driver.ray_train import fit_stage
 
+        check_gpu_workers(ctx.cfg, stage)
         source = None if stage == "pretrain" else generator_source(ctx.layout.generator_lm)
         uri = tracking_uri(ctx.cfg) if ctx.run_id else None
         return fit_stage(ctx.cfg, stage, source, ctx.resume, ctx.run_id, uri)

@@ -101,6 +101,125 @@ def tiny_bert_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return _save(BertModel(cfg), tokenizer_dir, tmp_path_factory.mktemp("tiny-bert"))
 
 
+def toy_corpus() -> list[str]:
+    """The texts the paper stand-ins' tokenizers and GPT-2 are trained on: toy sentences in the
+    words ``toy_sentences`` and ``toy_glue`` draw from (400 texts of 4 words, then all words once)."""
+    pairs = toy_sentences(200, seed=5, pair=True)
+    return [*pairs.premise, *pairs.hypothesis, " ".join(NEG + POS + FILLER)]
+
+
+GPT2_EOS = "<|endoftext|>"
+
+
+def build_paper_gpt2(out: Path, n_positions: int = 128, lm_steps: int = 100) -> Path:
+    """A tiny GPT-2 in the hub's layout at ``out``: ``GPT2LMHeadModel`` (``model_type`` gpt2, 2 blocks
+    of width 32, tied embeddings, ``n_positions`` positions) and a ``GPT2TokenizerFast`` whose
+    byte-level BPE is trained here on ``toy_corpus``. As the hub's ``gpt2``: ``<|endoftext|>`` is
+    BOS, EOS and UNK and the last id, there is NO pad token, and the LM is pre-trained on documents
+    separated by ``<|endoftext|>`` (``lm_steps`` AdamW steps on ``toy_corpus``, 5-25 s on 2 busy
+    cores), so that it writes short texts in the toy words and ends them, as a pre-trained LM
+    does: from random weights every sample would run to ``generator.max_length`` in byte soup.
+    Deterministic for given arguments. Returns ``out``."""
+    import json
+
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(toy_corpus(), vocab_size=400, min_frequency=1, show_progress=False)
+    trained = json.loads(bpe._tokenizer.to_str())["model"]  # the public API gives the vocabulary, not the merges
+    vocab = {**trained["vocab"], GPT2_EOS: len(trained["vocab"])}  # the hub's gpt2 has it last (50256)
+    tokenizer = GPT2TokenizerFast(vocab=vocab, merges=[tuple(m) for m in trained["merges"]])
+    assert tokenizer.pad_token is None and tokenizer.eos_token == tokenizer.bos_token == GPT2_EOS
+    eos = tokenizer.convert_tokens_to_ids(GPT2_EOS)
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=32, n_layer=2, n_head=2, bos_token_id=eos, eos_token_id=eos)
+    model = GPT2LMHeadModel(cfg)
+    docs = [[eos, *tokenizer(t)["input_ids"], eos] for t in toy_corpus()]
+    ids = torch.full((len(docs), max(map(len, docs))), eos)
+    mask = torch.zeros_like(ids)
+    for i, doc in enumerate(docs):
+        ids[i, : len(doc)], mask[i, : len(doc)] = torch.tensor(doc), 1
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # width-32 matrices gain nothing from a second thread, and lose ~3x waiting for it on busy cores
+    try:
+        for _ in range(lm_steps):
+            rows = torch.randint(len(docs), (32,), generator=rng)
+            model(input_ids=ids[rows], attention_mask=mask[rows], labels=ids[rows].masked_fill(mask[rows] == 0, -100)).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_paper_bert(out: Path, max_positions: int = 128) -> Path:
+    """A tiny uncased BERT in the hub's layout at ``out``: ``BertModel`` (``model_type`` bert, 2 blocks of
+    width 32, 2 segment types, ``max_positions`` positions) and a ``BertTokenizerFast`` whose WordPiece
+    vocabulary is trained here on ``toy_corpus`` (``[PAD]`` 0, pairs as ``[CLS] a [SEP] b [SEP]`` with
+    segment ids 0 / 1, as ``bert-base-uncased``). Random weights drawn with std 0.2, not BERT's 0.02:
+    at 0.02 the ``[CLS]`` output hardly depends on the text (std across toy rows 0.002 against 0.3),
+    so real and generated rows give the same head gradients (grad_sim 1.000) and the matching, the
+    K-means teachers and the K-centers sets work on near-identical points. Returns ``out``."""
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator(toy_corpus(), vocab_size=200, min_frequency=1, show_progress=False)
+    tokenizer = BertTokenizerFast(vocab=wordpiece.get_vocab(), do_lower_case=True)
+    assert tokenizer.pad_token_id == 0 and "token_type_ids" in tokenizer.model_input_names
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     max_position_embeddings=max_positions, type_vocab_size=2, pad_token_id=0, initializer_range=0.2)
+    BertModel(cfg).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _cached_model(request, tmp_path_factory, name: str, build) -> Path:
+    """``build(folder)`` made once and kept in pytest's cache (``.pytest_cache/d/paper-models``)
+    under a key of the builder's source, the toy words and the library versions, so later sessions load it;
+    without the cache plugin (``-p no:cacheprovider``), once per session in a temp folder."""
+    import hashlib
+    import inspect
+    import shutil
+
+    import tokenizers
+    import transformers
+
+    cache = getattr(request.config, "cache", None)
+    if cache is None:
+        return build(tmp_path_factory.mktemp(name))
+    source = "".join(inspect.getsource(f) for f in (build, toy_sentences, toy_corpus)) + repr((NEG, POS, FILLER, GPT2_EOS))
+    key = hashlib.sha1(f"{source}{transformers.__version__}{tokenizers.__version__}{torch.__version__}".encode()).hexdigest()[:12]
+    folder = cache.mkdir("paper-models") / f"{name}-{key}"
+    if not (folder / "config.json").is_file():
+        built, staged = build(tmp_path_factory.mktemp(name)), folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+        shutil.copytree(built, staged)
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            staged.rename(folder)  # complete or absent, never half-written
+        except OSError:  # another session put it there first: theirs is the same
+            shutil.rmtree(staged, ignore_errors=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def paper_gpt2_dir(request, tmp_path_factory) -> Path:
+    """The stand-in for the paper configs' ``gpt2`` (``build_paper_gpt2``), built once and cached."""
+    return _cached_model(request, tmp_path_factory, "paper-gpt2", build_paper_gpt2)
+
+
+@pytest.fixture(scope="session")
+def paper_bert_dir(request, tmp_path_factory) -> Path:
+    """The stand-in for the paper configs' ``bert-base-uncased`` (``build_paper_bert``), built once and cached."""
+    return _cached_model(request, tmp_path_factory, "paper-bert", build_paper_bert)
+
+
 @pytest.fixture(scope="session")
 def toy_data_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("toy-sst2")

@@ -153,8 +153,12 @@ def test_stage_runs_across_nodes_survives_a_node_kill_and_logs_each_step_once(cl
         killed_at = time.time()
         cluster.remove_node(_worker_node(cluster, nodes[1]), allow_graceful=False)  # SIGKILL
         cluster.add_node(num_cpus=1)  # the replacement the restarted worker group is placed on
+        rank0 = run / "logs" / "pretrain-rank0.log"
+        while driver.poll() is None and rank0.read_text().count(" on node ") < 2:  # the restarted group's rank 0 started
+            time.sleep(0.1)
+        recovered = time.time() - killed_at
         assert driver.wait(timeout=600) == 0, (tmp_path / "driver.log").read_text()[-3000:]
-        print(f"kill to finish: {time.time() - killed_at:.1f} s")
+        print(f"stage: worker group restarted {recovered:.1f} s after the kill, finished after {time.time() - killed_at:.1f} s")
     finally:
         if driver.poll() is None:
             driver.kill()

@@ -74,6 +74,7 @@ def worker_output(path: Path) -> Iterator[None]:
 
 def _train_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
+    from tqdm.auto import tqdm
 
     from dilm_ray.data import load_data
     from dilm_ray.models.generator import build_generator
@@ -87,7 +88,8 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     stage = loop_config["stage"]
     runtime = Runtime.from_environment(cfg.precision)
     # where each rank ran, for the user reading the log after a node was lost (and for the tests)
-    print(f"[{stage}] rank {runtime.rank} of {runtime.world_size} on node {ray.get_runtime_context().get_node_id()} ({runtime.device})", flush=True)
+    # (tqdm.write, as the metric lines: a plain print reached the log twice in a Train worker)
+    tqdm.write(f"[{stage}] rank {runtime.rank} of {runtime.world_size} on node {ray.get_runtime_context().get_node_id()} ({runtime.device})")
     setup_torch(cfg, runtime.rank)
     data = load_data(cfg, need_validation=False)
     local = Path(tempfile.mkdtemp(prefix=f"dilm-{stage}-"))
