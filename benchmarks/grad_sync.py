@@ -9,6 +9,11 @@ two commits to check that a change of the sync leaves training bit-identical and
     python benchmarks/grad_sync.py configs/sst2-cpu.yaml --out before.json
     python benchmarks/grad_sync.py configs/sst2-cpu.yaml --out after.json
     python benchmarks/grad_sync.py --compare before.json after.json
+    python benchmarks/grad_sync.py configs/sst2-cpu.yaml --sync-only   # the all-reduces alone
+
+``--sync-only`` times just the gradient sync of the config's trainable generator parameters
+(random gradients): one all-reduce per tensor, as before issue 31, against ``GradientSync``'s
+buckets (all started at ``finish()``, so without the overlap with backward that training gets).
 """
 
 from __future__ import annotations
@@ -86,6 +91,42 @@ def _worker(rank: int, world: int, port: int, config: str, overrides: list[str],
     dist.destroy_process_group()
 
 
+def _sync_worker(rank: int, world: int, port: int, config: str, overrides: list[str], out: str, repeats: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from dilm_ray.config import load_config
+    from dilm_ray.data import load_data
+    from dilm_ray.models.generator import build_generator, set_trainable
+    from dilm_ray.train.runtime import Runtime
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    cfg = load_config(config, overrides)
+    torch.set_num_threads(1)
+    gen = build_generator(cfg.generator, load_data(cfg, need_validation=False).task, None)
+    params = set_trainable(gen, cfg.generator, label_tokens=True, seed=0)
+    runtime = Runtime.from_environment()
+    times: dict[str, list[float]] = {"per-tensor": [], "bucketed": []}
+    with runtime.gradient_sync(params) as sync:
+        for _ in range(repeats):
+            for kind in times:
+                for p in params:
+                    p.grad = torch.randn_like(p)
+                dist.barrier()
+                start = time.perf_counter()
+                if kind == "per-tensor":
+                    for p in params:
+                        dist.all_reduce(p.grad)
+                        p.grad /= world
+                else:
+                    sync.finish()
+                times[kind].append(time.perf_counter() - start)
+    if rank == 0:
+        n = sum(p.numel() for p in params)
+        Path(out).write_text(json.dumps({"tensors": len(params), "elements": n, "buckets": len(sync.buckets), **times}))
+    dist.destroy_process_group()
+
+
 def _hexed(logged: list) -> list:
     return [(step, {k: float(v).hex() for k, v in sorted(m.items()) if not k.startswith("seconds_")}) for step, m in logged]
 
@@ -95,8 +136,11 @@ def _hexed(logged: list) -> list:
 @click.argument("overrides", nargs=-1)
 @click.option("--out", default="grad-sync.json", show_default=True, help="Where rank 0 writes its record.")
 @click.option("--compare", nargs=2, type=click.Path(exists=True), help="Compare two records instead of running.")
+@click.option("--sync-only", is_flag=True, help="Time only the gradient sync: per-tensor all-reduces against GradientSync's buckets.")
+@click.option("--repeats", default=20, show_default=True, help="--sync-only: syncs timed per kind.")
 @click.option("--stage", "stages", multiple=True, type=click.Choice(["pretrain", "distill"]), default=("pretrain", "distill"), show_default=True)
-def main(config: str | None, overrides: tuple[str, ...], out: str, compare: tuple[str, str] | None, stages: tuple[str, ...]) -> None:
+def main(config: str | None, overrides: tuple[str, ...], out: str, compare: tuple[str, str] | None, stages: tuple[str, ...],
+         sync_only: bool, repeats: int) -> None:
     if compare:
         a, b = (json.loads(Path(p).read_text()) for p in compare)
         for stage in [s for s in ("pretrain", "distill") if s in a and s in b]:
@@ -112,6 +156,13 @@ def main(config: str | None, overrides: tuple[str, ...], out: str, compare: tupl
         port = s.getsockname()[1]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     start = time.perf_counter()
+    if sync_only:
+        mp.spawn(_sync_worker, args=(2, port, config, [*DEFAULTS, *overrides], out, repeats), nprocs=2, join=True)
+        r = json.loads(Path(out).read_text())
+        print(f"{r['tensors']} gradient tensors, {r['elements'] / 1e6:.1f}M elements ({4 * r['elements'] / 2**20:.0f} MB fp32), {r['buckets']} buckets")
+        for kind in ("per-tensor", "bucketed"):
+            print(f"  {kind}: median {1000 * np.median(r[kind]):.1f} ms, min {1000 * min(r[kind]):.1f} ms over {len(r[kind])} syncs")
+        return
     mp.spawn(_worker, args=(2, port, config, [*DEFAULTS, *overrides], out, stages), nprocs=2, join=True)
     record = json.loads(Path(out).read_text())
     for stage in [s for s in ("pretrain", "distill") if s in record]:

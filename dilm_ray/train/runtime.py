@@ -160,7 +160,8 @@ class GradientSync:
 
     def _start(self, bucket: _Bucket) -> None:
         first = bucket.params[0]
-        flat = torch.zeros(bucket.size + len(bucket.params), dtype=first.dtype, device=self.runtime.device)
+        # empty, not zeros: every element is written below (one pass over the gradients, not two)
+        flat = torch.empty(bucket.size + len(bucket.params), dtype=first.dtype, device=self.runtime.device)
         offset = 0
         bucket.complete = True
         for i, (p, n) in enumerate(zip(bucket.params, bucket.sizes)):
@@ -168,6 +169,8 @@ class GradientSync:
                 flat[offset : offset + n].copy_(p.grad.reshape(-1))
                 flat[bucket.size + i] = 1
             else:
+                flat[offset : offset + n].zero_()
+                flat[bucket.size + i] = 0
                 bucket.complete = False
             offset += n
         bucket.flat = flat
@@ -190,11 +193,9 @@ class GradientSync:
             offset = 0
             for i, (p, n) in enumerate(zip(bucket.params, bucket.sizes)):
                 if present[i] > 0:
-                    mean = flat[offset : offset + n].view_as(p)
-                    if p.grad is None:
-                        p.grad = mean.clone()
-                    else:
-                        p.grad.copy_(mean)
+                    # the gradient becomes a view of the bucket (as DDP's gradient_as_bucket_view):
+                    # no copy back; zero_grad(set_to_none=True) releases the bucket with the views
+                    p.grad = flat[offset : offset + n].view_as(p)
                 offset += n
             bucket.ready, bucket.work, bucket.flat = 0, None, None
         self.started = 0
