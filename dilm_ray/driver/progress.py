@@ -41,10 +41,13 @@ class ProgressBoard:
 
 
 def board():
-    """A new ``ProgressBoard`` actor (0 CPUs) on the connected Ray."""
+    """A new ``ProgressBoard`` actor (0 CPUs) on the driver's own node: placed anywhere, it may
+    land on a worker node, and losing that node would end the stage it only draws."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(ProgressBoard).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(ProgressBoard).options(scheduling_strategy=here).remote()
 
 
 class BoardLogger:

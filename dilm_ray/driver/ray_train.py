@@ -117,7 +117,10 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         if progress is not None:
             sent = progress.update.remote(st.step, {k: f"{v:.4g}" for k, v in metrics.items() if k in BAR_METRICS})
             if final:  # calls from one caller run in order: the last lines and step reach the board before the workers end
-                ray.get(sent, timeout=30)
+                try:
+                    ray.get(sent, timeout=30)
+                except (ray.exceptions.RayError, TimeoutError):  # the board only draws: never end the stage for it
+                    pass
         save = st.step % section.checkpoint_every == 0 or final
         if not (save or metrics):
             return
