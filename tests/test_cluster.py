@@ -103,6 +103,13 @@ def cluster():
                 os.environ[k] = v
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """Kill ``proc`` if a failed assertion left it running."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def _node_of(log: Path) -> str:
     """The node id in the first ``rank r of n on node <id>`` line of a worker log."""
     for line in log.read_text().splitlines():
@@ -160,9 +167,7 @@ def test_stage_runs_across_nodes_survives_a_node_kill_and_logs_each_step_once(cl
         assert driver.wait(timeout=600) == 0, (tmp_path / "driver.log").read_text()[-3000:]
         print(f"stage: worker group restarted {recovered:.1f} s after the kill, finished after {time.time() - killed_at:.1f} s")
     finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
+        _stop(driver)
     state = TrainState.load(run / "generator-lm" / "train_state.pt")
     assert state.step == STEPS
     resumed = state.extra.get("resumed_from")
@@ -223,9 +228,7 @@ def test_evaluation_survives_a_node_kill_with_every_run_once(cluster, mlflow_ser
         assert killed.wait(timeout=600) == 0, (tmp_path / "killed.log").read_text()[-3000:]
         print(f"evaluation: kill to finish {time.time() - killed_at:.1f} s")
     finally:
-        if killed.poll() is None:
-            killed.kill()
-            killed.wait()
+        _stop(killed)
     unkilled = _run_cli(["evaluate", *base, "name=unkilled"], tmp_path / "unkilled.log")
     assert unkilled.wait(timeout=600) == 0, (tmp_path / "unkilled.log").read_text()[-3000:]
     from dilm_ray.evaluation.job import JOB_KEY
@@ -298,9 +301,7 @@ def test_tune_trial_survives_the_loss_of_its_node_and_resumes_stage_2(cluster, m
         assert sweep.wait(timeout=900) == 0, (tmp_path / "tune.log").read_text()[-3000:]
         print(f"tune: kill to finish {time.time() - killed_at:.1f} s")
     finally:
-        if sweep.poll() is None:
-            sweep.kill()
-            sweep.wait()
+        _stop(sweep)
     trial_runs = list((tmp_path / "runs" / "tunekill" / "tune" / "trials").iterdir())
     assert len(trial_runs) == 1
     state = TrainState.load(trial_runs[0] / "generator-dilm" / "train_state.pt")
