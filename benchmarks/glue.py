@@ -1,6 +1,6 @@
 """DiLM against the coresets on real GLUE data, at a scale picked by ``--budget``.
 
-A thin layer over the package's resumable pipeline (``dilm_ray.commands.pipeline``): the same
+A thin layer over the package's resumable pipeline (``dilm_ray.pipeline``): the same
 stage table and evaluation as ``dilm-ray run --resume``, plus budgets, learner and seed
 selections, and ``--record``. It writes ``<run_dir>/bench-<budget>[-dpc<D>]/``: ``runs.csv``
 (one row per evaluation run), ``table.csv``/``table.md`` (mean, std, runs, Welch p-values vs
@@ -34,7 +34,8 @@ import click
 from dilm_ray import interrupts
 from dilm_ray.config import Config, load_config
 from dilm_ray.errors import UserError
-from dilm_ray.layout import GENERATED, METHODS, ROWS_FILE, RunLayout, discover_sets
+from dilm_ray.layout import ROWS_FILE, RunLayout, discover_sets
+from dilm_ray.methods import GENERATED, METHODS
 
 # Scale of the distilled-set evaluation (and, for smoke, of the stages): sets per cell x seeds per set.
 BUDGETS = {
@@ -158,17 +159,18 @@ def markdown(table_md: str, timer, commands: list[str]) -> str:
 @click.argument("config")
 @click.argument("overrides", nargs=-1)
 @click.option("--budget", type=click.Choice(sorted(BUDGETS)), default="cpu", show_default=True)
-@click.option("--method", "methods", multiple=True, type=click.Choice(METHODS), default=("dilm", "lm_only", "random", "k_centers", "herding"), show_default=True)
+@click.option("--method", "methods", multiple=True, type=click.Choice(list(METHODS)), default=("dilm", "lm_only", "random", "k_centers", "herding"), show_default=True)
 @click.option("--dpc", "dpcs", multiple=True, type=int, help="evaluate these DPC only (default: synthesize.dpc)")
 @click.option("--learner", "learners", multiple=True, help="learner(s) to evaluate; 'all' for every platform learner")
 @click.option("--seeds", "seed_specs", multiple=True, metavar="LEARNER=N", help="seeds per set for one learner (default: evaluate.n_evals_per_dataset)")
 @click.option("--record", type=click.Path(file_okay=False, path_type=Path), help="keep runs, tables, timing and sets in DIR/<name>, and resume from them")
 def main(config: str, overrides: tuple[str, ...], budget: str, methods, dpcs, learners, seed_specs, record: Path | None) -> None:
-    from dilm_ray.commands.pipeline import EVALUATION_RUNS, evaluate_and_report
     from dilm_ray.data import load_data
+    from dilm_ray.pipeline.base import Context, check_inputs
+    from dilm_ray.pipeline.evaluate import EVALUATION_RUNS, evaluate_and_report
+    from dilm_ray.pipeline.table import run_stages
     from dilm_ray.provenance import commit
     from dilm_ray.seeding import setup_torch
-    from dilm_ray.stages import Context, check_inputs, run_stages
     from dilm_ray.timing import StageTimer
     from dilm_ray.tracking.mlflow_store import log_artifacts, mlflow_run
 

@@ -67,7 +67,7 @@ def _worker(rank: int, world: int, port: int, config: str, overrides: list[str],
     from dilm_ray.models.generator import build_generator
     from dilm_ray.models.learner import build_learner
     from dilm_ray.seeding import setup_torch
-    from dilm_ray.train.distill import distill
+    from dilm_ray.train.distill import DistillInputs, distill
     from dilm_ray.train.pretrain import pretrain
     from dilm_ray.train.runtime import Runtime
 
@@ -84,7 +84,7 @@ def _worker(rank: int, world: int, port: int, config: str, overrides: list[str],
     if "distill" in stages:
         learner = build_learner(cfg.learner, data.task.num_labels, cfg.seed + rank)
         rec = _Recorder()
-        distill(gen, learner, data.train, cfg.distill, cfg.generator, cfg.seed, runtime, rec, None, rec.on_step)
+        distill(gen, learner, DistillInputs(data.train, cfg.distill, cfg.generator, cfg.seed), runtime=runtime, logger=rec, on_outer_loop=rec.on_step)
         result["distill"] = {"logged": rec.logged, "step_seconds": np.diff(rec.stamps).tolist(), "digest": _digest(gen.model)}
     if rank == 0:
         Path(out).write_text(json.dumps(result, default=lambda v: float(v)))

@@ -72,13 +72,13 @@ def bench_train(config: str, overrides: list[str], steps: tuple[int, int]) -> No
 def bench_eval(config: str, overrides: list[str], n_sets: int, dpc: int) -> None:
     import tempfile
 
-    from dilm_ray.commands.pipeline import LoadedSet, evaluate_groups
+    from dilm_ray.algorithm.selection import select_per_class
     from dilm_ray.data import load_data
-    from dilm_ray.synthesis import coreset
+    from dilm_ray.pipeline.evaluate import LoadedSet, evaluate_groups
 
     cfg = load_config(config, [*overrides, f"synthesize.n_datasets={n_sets}", "evaluate.n_evals_per_dataset=1"])
     data = load_data(cfg)
-    sets = [coreset(data.train, torch.zeros(len(data.train), 1), dpc, "random", cfg.seed + i)[0] for i in range(n_sets)]
+    sets = [data.train.select(select_per_class(torch.zeros(len(data.train), 1), data.train.labels, dpc, "random", cfg.seed + i)) for i in range(n_sets)]
     groups = {("random", dpc): [LoadedSet(s, s.digest(), Path("-")) for s in sets]}
     results = {}
     for parallel in (False, True):

@@ -6,7 +6,7 @@ and real rows:
 - ``stage-1 step``: one ``pretrain`` step (generator.train_top_layers trained, label tokens too),
   a batch of pretrain.batch_size rows long enough to fill generator.max_length tokens (16 x 40
   in the bench profile);
-- ``stage-2 step``: one matching step (``_matching_step``: learner head gradients of the real and
+- ``stage-2 step``: one matching step (``matching_step``: learner head gradients of the real and
   synthetic batches, generator LM losses, backward into the generator) and the learner's inner
   loop of distill.learner_steps;
 - ``sampling``: ``--sample-rows`` samples of one label (generator.generate_batch_size a batch),
@@ -101,7 +101,7 @@ def stage2(cfg: Config, data, precision: str, repeats: int) -> dict:
     from dilm_ray.models.generator import build_generator, set_trainable
     from dilm_ray.models.learner import build_learner
     from dilm_ray.precision import prepare
-    from dilm_ray.train.distill import _Cycle, _matching_step, _train_learner
+    from dilm_ray.train.distill import Cycle, advance_learner, matching_step
     from dilm_ray.train.runtime import Runtime
 
     gen = build_generator(cfg.generator, data.task)
@@ -115,15 +115,15 @@ def stage2(cfg: Config, data, precision: str, repeats: int) -> dict:
     real = [data.train.select(rng.choice(data.train.indices_of(y), d.gm_real_dpc * d.gm_real_accum, replace=False)) for y in labels]
     # the synthetic batch: real rows stand in for generated ones (same lengths, no sampling cost here)
     syn = TextSet.concat([data.train.select(rng.choice(data.train.indices_of(y), d.gm_syn_dpc, replace=False)) for y in labels])
-    lm = _Cycle(np.arange(len(data.train)), d.lm_batch_size, rng)
-    learner_batches = _Cycle(np.arange(len(data.train)), d.learner_batch_size, rng)
+    lm = Cycle(np.arange(len(data.train)), d.lm_batch_size, rng)
+    learner_batches = Cycle(np.arange(len(data.train)), d.learner_batch_size, rng)
     optimizer = torch.optim.AdamW(learner.model.parameters(), lr=d.learner_lr)
 
     def step() -> None:
-        _matching_step(gen, learner, real, syn, d, data.train, lm, runtime)
+        matching_step(gen, learner, real, syn, d, data.train, lm, runtime)
         for p in params:
             p.grad = None
-        _train_learner(learner, optimizer, data.train, learner_batches, d.learner_steps, runtime)
+        advance_learner(learner, optimizer, data.train, learner_batches, d.learner_steps, runtime)
 
     seconds, flops = timed(step, repeats)
     return {"seconds": seconds, "flops": flops, "tokens": None}
@@ -173,7 +173,7 @@ def evaluation(cfg: Config, data, precision: str, repeats: int) -> dict:
     from dilm_ray.evaluation.train_eval import predict, train_learner
     from dilm_ray.models.learner import build_learner
     from dilm_ray.precision import prepare
-    from dilm_ray.synthesis import select_per_class
+    from dilm_ray.algorithm.selection import select_per_class
 
     learner = build_learner(cfg.learner, data.task.num_labels, cfg.seed)
     prepare(learner.model.body, precision)

@@ -17,6 +17,7 @@ import click
 from dilm_ray import __version__, interrupts
 from dilm_ray.config import Config, load_config
 from dilm_ray.errors import SweepFailed, UserError
+from dilm_ray.methods import CORESETS, GENERATED, METHODS
 
 
 # Commands that run stages: before them, and before anything is written, ``driver.startup.startup_checks``:
@@ -87,20 +88,17 @@ def validate(cfg: Config) -> None:
 
 
 def _one_stage(cfg: Config, stage: str, resume: bool, methods: tuple[str, ...] = ()):
-    """Run one stage of ``stages.STAGES`` (always, even when done) under its own MLflow run."""
+    """Run one stage of ``pipeline.table.STAGES`` (always, even when done) under its own MLflow run."""
     from dilm_ray.layout import RunLayout
-    from dilm_ray.stages import BY_NAME, Context, check_inputs
+    from dilm_ray.pipeline.base import Context, check_inputs
+    from dilm_ray.pipeline.table import run_one
     from dilm_ray.timing import StageTimer
     from dilm_ray.tracking.mlflow_store import mlflow_run
 
     data = check_inputs(cfg)
     layout = RunLayout(cfg.run_dir)
     with mlflow_run(cfg, stage.replace("_", "-"), layout.mlflow_runs, resume) as run_id:
-        ctx = Context(cfg, data, methods, run_id, resume)
-        with StageTimer(layout.timing).span(stage):
-            out = BY_NAME[stage].run(ctx)
-        BY_NAME[stage].mark(ctx)
-    return out
+        return run_one(Context(cfg, data, methods, run_id, resume), stage, StageTimer(layout.timing))
 
 
 def _train_stage(cfg: Config, stage: str, resume: bool) -> None:
@@ -128,8 +126,8 @@ def distill(cfg: Config, resume: bool) -> None:
 
 
 @main.command()
-@click.option("--generator", "which", type=click.Choice(["dilm", "dilm_filtered", "lm_only"]), default="dilm",
-              help="which generator writes the sets; dilm_filtered: DiLM's, after the label-consistency filter (beyond the paper)")
+@click.option("--generator", "which", type=click.Choice(GENERATED), default="dilm",
+              help="which method's sets: " + "; ".join(f"{m}: {METHODS[m].description}" for m in GENERATED))
 @_command
 def synthesize(cfg: Config, which: str) -> None:
     """Stage 3: write distilled sets (DPC per class, K-centers over an over-sampled pool)."""
@@ -139,12 +137,10 @@ def synthesize(cfg: Config, which: str) -> None:
 
 
 @main.command()
-@click.option("--method", "methods", multiple=True, type=click.Choice(["random", "k_centers", "herding"]), help="default: all three")
+@click.option("--method", "methods", multiple=True, type=click.Choice(CORESETS), help="default: all of them")
 @_command
 def coreset(cfg: Config, methods: tuple[str, ...]) -> None:
     """Coreset baselines from the real train set (random, K-centers, herding on learner embeddings)."""
-    from dilm_ray.layout import CORESETS
-
     written = _one_stage(cfg, "coreset", False, tuple(methods or CORESETS))
     for method, by_dpc in written.items():
         for dpc, paths in by_dpc.items():
@@ -170,7 +166,7 @@ def tune(cfg: Config, resume: bool) -> None:
 @_command
 def evaluate(cfg: Config, learners: tuple[str, ...], data_path: Path | None, column_specs: tuple[str, ...], references: tuple[str, ...], resume: bool) -> None:
     """Train fresh learners on distilled sets and report mean/std accuracy and Welch p-values."""
-    from dilm_ray.commands.pipeline import evaluate_command
+    from dilm_ray.commands.run import evaluate_command
 
     columns = {}
     for spec in column_specs:
@@ -186,7 +182,7 @@ def evaluate(cfg: Config, learners: tuple[str, ...], data_path: Path | None, col
 @_command
 def run(cfg: Config, resume: bool) -> None:
     """The whole pipeline: pretrain, distill, synthesize, coresets, evaluate; prints the final table."""
-    from dilm_ray.commands.pipeline import run_command
+    from dilm_ray.commands.run import run_command
 
     click.echo(run_command(cfg, resume))
 

@@ -14,8 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from dilm_ray import precision as _precision
 from dilm_ray.errors import UserError
+from dilm_ray.methods import BASELINES
 
-PositiveInt = Field(ge=1)
+
+# Keys that no longer exist, with why: refused with that reason rather than as unknown.
+REMOVED_KEYS = {"distill.repset_pool": "it was never read (remove it from the config)"}
 
 
 class _Section(BaseModel):
@@ -107,7 +110,6 @@ class DistillConfig(_Section):
     grad_clip: float = Field(1.0, gt=0.0)
     n_repset: int = Field(10, ge=1, description="representative teacher sets")
     repset_dpc: int = Field(200, ge=1, description="real samples per class in each teacher set (K-means clusters)")
-    repset_pool: int | None = Field(None, ge=1, description="cap on train rows per class embedded for K-means")
     gm_real_dpc: int = Field(100, ge=1, description="real samples per class per matching batch")
     gm_real_accum: int = Field(2, ge=1, description="real batches averaged into one real gradient")
     gm_syn_dpc: int = Field(64, ge=1, description="synthetic samples per class per step = K-means clusters of the pool")
@@ -188,9 +190,9 @@ class EvaluateConfig(_Section):
     grad_clip: float = Field(1.0, gt=0.0)
     n_evals_per_dataset: int = Field(5, ge=1, description="learner seeds per distilled set")
     eval_batch_size: int = Field(128, ge=1)
-    baselines: list[Literal["random", "k_centers", "herding", "lm_only", "dilm_filtered"]] = Field(
+    baselines: list[Literal[BASELINES]] = Field(  # type: ignore[valid-type]  # methods.BASELINES, one name per method
         ["random", "k_centers", "herding", "lm_only"],
-        description="methods run beside DiLM; dilm_filtered: DiLM's sets after the label-consistency filter (beyond the paper)",
+        description="methods run beside DiLM (methods.METHODS); dilm_filtered: DiLM's sets after the label-consistency filter (beyond the paper)",
     )
     learners: list[str] = Field([], description="learner architectures to evaluate (minilm-l6, smollm2-135m, scratch-transformer, tfidf-logreg, hub ids); empty: learner.model")
     parallel: bool = Field(True, description="fan runs out as Ray tasks (ray.cpus_per_eval_task each)")
@@ -231,7 +233,7 @@ class TuneConfig(_Section):
     metric: str = "accuracy"
     mode: Literal["max", "min"] = "max"
     scheduler: Literal["asha", "fifo"] = "asha"
-    grace_period: int = Field(1, ge=1)
+    grace_period: int = Field(1, ge=1, description="reports (rounds of evaluation runs: one run per DPC) before ASHA may stop a trial")
     max_concurrent_trials: int = Field(1, ge=1)
     cpus_per_trial: float = Field(0.1, gt=0.0)
 
@@ -374,6 +376,8 @@ def apply_override(tree: dict[str, Any], key: str, value: Any) -> None:
         last = depth == len(parts) - 1
         if fields is not None and part not in fields:
             where = ".".join(parts[:depth]) or "the config"
+            if key in REMOVED_KEYS:
+                raise UserError(f"config key '{key}' was removed: {REMOVED_KEYS[key]}")
             raise UserError(f"unknown config key '{key}': {where} has no '{part}' (allowed: {', '.join(sorted(fields))})")
         if last:
             node[part] = value
@@ -392,6 +396,8 @@ def _format_error(err: ValidationError, source: str) -> str:
     path = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
+        if path in REMOVED_KEYS:
+            return f"config key '{path}' in {source} was removed: {REMOVED_KEYS[path]}"
         return f"unknown config key '{path}' in {source}"
     if isinstance(first.get("input"), dict):  # a section-level check: its message names the keys
         return f"config: {msg} ({source})"

@@ -22,11 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-# methods whose sets come from a generator; dilm_filtered: DiLM's sets selected after the
-# label-consistency filter (beyond the paper, ``synthesis.synthesize``)
-GENERATED = ("dilm", "dilm_filtered", "lm_only")
-CORESETS = ("random", "k_centers", "herding")  # real train rows picked by a rule
-METHODS = GENERATED + CORESETS
 SET_FILES = ("train.jsonl", "train.parquet")  # what a set folder may hold, preferred first
 ROWS_FILE = "rows.jsonl"  # a coreset's rows as indices into the loaded train split, one {"row": i} per line
 POOL_FILE = "pool.jsonl"  # a generated set's over-sampled pool, the rows its set was selected from
@@ -58,9 +53,9 @@ class RunLayout:
     def set_dir(self, method: str, dpc: int, index: int) -> Path:
         return self.distilled / method / f"dpc{dpc}" / f"set{index}"
 
-    def set_file(self, method: str, dpc: int, index: int) -> Path | None:
-        """The set's data file, or None when the set has not been made."""
-        return find_set_file(self.set_dir(method, dpc, index))
+    def set_data(self, method: str, dpc: int, index: int) -> Path:
+        """The set's data file as this project writes it (``train.jsonl``; ``train.parquet`` beside it)."""
+        return self.set_dir(method, dpc, index) / SET_FILES[0]
 
     @property
     def results(self) -> Path:

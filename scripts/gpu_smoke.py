@@ -94,7 +94,7 @@ def main() -> None:
     from dilm_ray.models.generator import build_generator
     from dilm_ray.models.learner import build_learner
     from dilm_ray.precision import prepare
-    from dilm_ray.train.distill import distill
+    from dilm_ray.train.distill import DistillInputs, distill
     from dilm_ray.train.pretrain import pretrain
     from dilm_ray.train.runtime import Runtime
 
@@ -131,7 +131,7 @@ def main() -> None:
         cfg = DistillConfig(steps=6, inner_loop=3, learner_steps=2, learner_batch_size=16, n_repset=1, repset_dpc=4, gm_real_dpc=8,
                             gm_real_accum=1, gm_syn_dpc=4, generate_interval=1, lr=1e-3, log_every=3)
         start = time.perf_counter()
-        distill(gen, learner, train, cfg, gen_cfg, seed=0, runtime=runtime, on_outer_loop=lambda st, m: summaries.append(m) if m else None)
+        distill(gen, learner, DistillInputs(train, cfg, gen_cfg, seed=0), runtime=runtime, on_outer_loop=lambda st, m: summaries.append(m) if m else None)
         print(f"stage 2: 6 matching steps in {time.perf_counter() - start:.1f} s, grad_sim " + ", ".join(f"{m['grad_sim']:.3f}" for m in summaries))
         check(all(math.isfinite(m[k]) for m in summaries for k in ("match_loss", "grad_sim", "syn_lm_loss")), "stage-2 losses finite")
         check(not torch.equal(top.detach(), before), "stage 2 changed the generator")
@@ -179,7 +179,7 @@ def timing(runtime, args) -> None:
     from dilm_ray.data import BUILTIN_TASKS, TextSet
     from dilm_ray.models.generator import build_generator
     from dilm_ray.models.learner import build_learner
-    from dilm_ray.train.distill import distill
+    from dilm_ray.train.distill import DistillInputs, distill
     from dilm_ray.train.pretrain import pretrain
 
     task = BUILTIN_TASKS["mnli"]
@@ -216,7 +216,7 @@ def timing(runtime, args) -> None:
         # configs/mnli.yaml's sizes, one outer loop of 10 matching steps and 9 learner phases
         cfg = DistillConfig(steps=10, inner_loop=10, learner_steps=20, n_repset=1, repset_dpc=min(100, n // task.num_labels), gm_real_dpc=100,
                             gm_real_accum=2, gm_syn_dpc=args.syn_dpc, generate_interval=1, lr=3e-7, lm_lambda=0.0, grad="head", log_every=10)
-        distill(gen, learner, train, cfg, gen_cfg, seed=0, runtime=runtime, on_outer_loop=lambda st, m: summaries.append(m) if m else None)
+        distill(gen, learner, DistillInputs(train, cfg, gen_cfg, seed=0), runtime=runtime, on_outer_loop=lambda st, m: summaries.append(m) if m else None)
         m = summaries[-1]
         match, phase = m["seconds_match"] / cfg.inner_loop, m["seconds_inner_loop"] / (cfg.inner_loop - 1)
         pool = cfg.gm_syn_dpc * cfg.inner_loop * task.num_labels

@@ -321,7 +321,7 @@ def ray_2_cpus(no_ray_left_running):
 
 def loaded_sets(groups: dict) -> dict:
     """``{(method, dpc): [TextSet]}`` as the evaluation reads sets: with a digest each."""
-    from dilm_ray.commands.pipeline import LoadedSet
+    from dilm_ray.pipeline.evaluate import LoadedSet
 
     return {g: [LoadedSet(s, s.digest(), Path("-")) for s in sets] for g, sets in groups.items()}
 

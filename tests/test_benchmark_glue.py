@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_benchmark_writes_tables_and_resumes_without_repeating(tiny_overrides, tmp_path, monkeypatch):
-    import dilm_ray.commands.pipeline as pipeline
+    import dilm_ray.pipeline.evaluate as pipeline
 
     bench = benchmark_script("glue")
     # the bench config's full-data row is left out: its resume is tests/test_full_data.py's

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from dilm_ray.cli import main
-from dilm_ray.commands.pipeline import load_any
+from dilm_ray.pipeline.evaluate import load_any
 from dilm_ray.data import BUILTIN_TASKS, load_file
 from dilm_ray.errors import UserError
 

@@ -13,7 +13,7 @@ from dilm_ray.config import load_config
 from dilm_ray.data import load_data
 from dilm_ray.models.generator import build_generator
 from dilm_ray.models.learner import build_learner
-from dilm_ray.train.distill import distill
+from dilm_ray.train.distill import DistillInputs, distill
 from dilm_ray.train.pretrain import pretrain
 
 GOLDEN_PRETRAIN = {1: 3.6993281841278076, 2: 3.5835812091827393, 3: 3.464463472366333, 4: 3.3709869384765625}
@@ -43,7 +43,7 @@ def _losses(tiny_overrides, extra=()):
         stage1, stage2 = Recorder(), Recorder()
         pretrain(gen, data.train, cfg.pretrain, cfg.generator, cfg.seed, logger=stage1)
         learner = build_learner(cfg.learner, data.task.num_labels, cfg.seed)
-        distill(gen, learner, data.train, cfg.distill, cfg.generator, cfg.seed, logger=stage2)
+        distill(gen, learner, DistillInputs(data.train, cfg.distill, cfg.generator, cfg.seed), logger=stage2)
     finally:
         torch.set_num_threads(threads)
     pre = {step: m["lm_loss"] for step, m in stage1.rows.items()}

@@ -18,7 +18,7 @@ def _lint(cwd: Path) -> subprocess.CompletedProcess:
 def test_every_layer_imports_only_layers_below_it_and_no_cycle_exists():
     result = _lint(ROOT)
     assert result.returncode == 0, result.stdout[-3000:]
-    assert "2 kept, 0 broken" in result.stdout
+    assert "3 kept, 0 broken" in result.stdout
 
 
 def test_the_contract_fails_on_an_upward_import(tmp_path):
@@ -26,7 +26,18 @@ def test_the_contract_fails_on_an_upward_import(tmp_path):
     shutil.copytree(ROOT / "dilm_ray", tmp_path / "dilm_ray", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     loop = tmp_path / "dilm_ray" / "train" / "pretrain.py"
-    loop.write_text(loop.read_text() + "\nfrom dilm_ray.stages import STAGES  # noqa\n")
+    loop.write_text(loop.read_text() + "\nfrom dilm_ray.pipeline.table import STAGES  # noqa\n")
     result = _lint(tmp_path)
     assert result.returncode != 0
-    assert "dilm_ray.train.pretrain -> dilm_ray.stages" in result.stdout
+    assert "dilm_ray.train.pretrain -> dilm_ray.pipeline.table" in result.stdout
+
+
+def test_a_stage_module_importing_another_stage_breaks_the_pipeline_contract(tmp_path):
+    """Stage modules build on ``pipeline.base`` only: one reaching into another stage (or the table) must fail."""
+    shutil.copytree(ROOT / "dilm_ray", tmp_path / "dilm_ray", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    stage = tmp_path / "dilm_ray" / "pipeline" / "synthesize.py"
+    stage.write_text(stage.read_text() + "\nfrom dilm_ray.pipeline.coreset import wanted  # noqa\n")
+    result = _lint(tmp_path)
+    assert result.returncode != 0
+    assert "dilm_ray.pipeline.synthesize -> dilm_ray.pipeline.coreset" in result.stdout

@@ -6,7 +6,7 @@ from dilm_ray.config import DataConfig, DistillConfig, GeneratorConfig, LearnerC
 from dilm_ray.data import BUILTIN_TASKS, load_split, resolve_task
 from dilm_ray.models.generator import build_generator
 from dilm_ray.models.learner import build_learner
-from dilm_ray.train.distill import _Cycle, _matching_step, cluster_batches, distill, pool_batches, representative_teachers
+from dilm_ray.train.distill import Cycle, DistillInputs, cluster_batches, distill, matching_step, pool_batches, representative_teachers
 from dilm_ray.train.gradients import full_grads, head_grads
 
 SST2 = BUILTIN_TASKS["sst2"]
@@ -100,7 +100,7 @@ def test_matching_steps_raise_gradient_similarity(tiny_lm_dir, learner, train):
     before = [p.detach().clone() for p in gen.model.parameters()]
     sims = []
     for _ in range(30):
-        metrics = _matching_step(gen, learner, real, syn, cfg, train, _Cycle(np.arange(4), 2, np.random.default_rng(0)))
+        metrics = matching_step(gen, learner, real, syn, cfg, train, Cycle(np.arange(4), 2, np.random.default_rng(0)))
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.model.parameters())
         opt.step()
         opt.zero_grad()
@@ -117,7 +117,7 @@ def test_distill_runs_outer_loops_and_changes_the_generator(tiny_lm_dir, learner
         gm_real_accum=1, gm_syn_dpc=2, generate_interval=1, lr=1e-3, log_every=2,
     )
     seen = []
-    state = distill(gen, learner, train, cfg, GeneratorConfig(max_length=12), seed=0, on_outer_loop=lambda s, m: seen.append((s.step, m)))
+    state = distill(gen, learner, DistillInputs(train, cfg, GeneratorConfig(max_length=12), seed=0), on_outer_loop=lambda s, m: seen.append((s.step, m)))
     assert state.step == 4 and [s for s, _ in seen] == [2, 4]
     # the matching loss is 1 - the mean per-label cosine similarity (DiLM Eq. 3 with L labels)
     assert all(m["match_loss"] == pytest.approx(1 - m["grad_sim"], abs=1e-6) and m["match_loss"] > 0 for _, m in seen)
@@ -130,7 +130,7 @@ def test_distill_is_reproducible(tiny_lm_dir, tiny_bert_dir, train):
         learner = build_learner(LearnerConfig(model=str(tiny_bert_dir), max_length=16), 2, seed=0)
         cfg = DistillConfig(steps=2, inner_loop=2, learner_steps=1, learner_batch_size=8, n_repset=1, repset_dpc=4, gm_real_dpc=4, gm_real_accum=1, gm_syn_dpc=2, generate_interval=1, lr=1e-3)
         logs = []
-        distill(gen, learner, train, cfg, GeneratorConfig(max_length=12), seed=3, on_outer_loop=lambda s, m: logs.append(m))
+        distill(gen, learner, DistillInputs(train, cfg, GeneratorConfig(max_length=12), seed=3), on_outer_loop=lambda s, m: logs.append(m))
         return logs, [p.detach().clone() for p in gen.model.parameters()]
 
     def without_timings(logs):
@@ -150,7 +150,7 @@ def test_distill_with_the_label_filter_logs_the_consistent_fraction_and_trains(t
         gm_real_accum=1, gm_syn_dpc=2, generate_interval=1, lr=1e-3, label_filter=True,
     )
     seen = []
-    distill(gen, learner, train, cfg, GeneratorConfig(max_length=12), seed=0, on_outer_loop=lambda s, m: seen.append(m))
+    distill(gen, learner, DistillInputs(train, cfg, GeneratorConfig(max_length=12), seed=0), on_outer_loop=lambda s, m: seen.append(m))
     assert 0.0 <= seen[0]["pool_consistent"] <= 1.0
     assert any(not torch.equal(a, b) for a, b in zip(before, gen.model.parameters()))
 
@@ -158,13 +158,15 @@ def test_distill_with_the_label_filter_logs_the_consistent_fraction_and_trains(t
 def test_the_label_filter_keys_stage_2_only_when_on(tiny_overrides):
     from dilm_ray.config import load_config
     from dilm_ray.keys import content_key
-    from dilm_ray.stages import STAGES, _pretrain_key
+    from dilm_ray.pipeline.base import pretrain_key
+    from dilm_ray.pipeline.table import STAGES
 
     off = load_config("configs/sst2-cpu.yaml", tiny_overrides)
     on = load_config("configs/sst2-cpu.yaml", [*tiny_overrides, "distill.label_filter=true"])
     keys = {stage.name: stage for stage in STAGES}
     # off, the key is the one made before the setting existed: finished stage-2 runs stay valid
-    before = content_key(_pretrain_key(off), off.learner.model_dump(mode="json"), off.distill.model_dump(mode="json", exclude={"log_every", "checkpoint_every", "label_filter"}))
+    distill = {**off.distill.model_dump(mode="json", exclude={"log_every", "checkpoint_every", "label_filter"}), "repset_pool": None}  # as it was then
+    before = content_key(pretrain_key(off), off.learner.model_dump(mode="json"), distill)
     assert keys["distill"].key(off) == before
     for name in ("distill", "synthesize_dilm", "synthesize_dilm_filtered"):
         assert keys[name].key(on) != keys[name].key(off), name

@@ -177,7 +177,7 @@ def test_gpu_workers_this_machine_lacks_end_stage_1_in_one_line(paper_gpt2_dir, 
     from dilm_ray.cli import main
     from dilm_ray.config import load_config
     from dilm_ray.errors import UserError
-    from dilm_ray.stages import check_gpu_workers
+    from dilm_ray.pipeline.base import check_gpu_workers
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     shipped = load_config(REPO / "configs" / "mnli.yaml")

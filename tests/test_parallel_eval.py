@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from dilm_ray.commands.pipeline import evaluate_groups
+from dilm_ray.pipeline.evaluate import evaluate_groups
 from dilm_ray.config import load_config
 from dilm_ray.data import BUILTIN_TASKS, TaskData
 from dilm_ray.evaluation.report import results_table

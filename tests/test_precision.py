@@ -10,7 +10,7 @@ from dilm_ray.config import DistillConfig, GeneratorConfig, LearnerConfig, Pretr
 from dilm_ray.models.blocks import transformer_blocks
 from dilm_ray.models.generator import build_generator
 from dilm_ray.models.learner import build_learner
-from dilm_ray.train.distill import distill
+from dilm_ray.train.distill import DistillInputs, distill
 from dilm_ray.train.gradients import head_grads
 from dilm_ray.train.pretrain import pretrain
 from dilm_ray.train.runtime import Runtime
@@ -103,7 +103,7 @@ def test_bf16_stage2_trains_the_generator_with_finite_matching_losses(tiny_lm_di
     top = transformer_blocks(gen.model)[-1].mlp.up_proj.weight
     before = top.detach().clone()
     rows = []
-    distill(gen, learner, train, cfg, gen_cfg, seed=0, runtime=BF16, on_outer_loop=lambda st, m: rows.append(m))
+    distill(gen, learner, DistillInputs(train, cfg, gen_cfg, seed=0), runtime=BF16, on_outer_loop=lambda st, m: rows.append(m))
     assert top.dtype == torch.float32 and not torch.equal(top.detach(), before)
     assert transformer_blocks(gen.model)[0].mlp.up_proj.weight.dtype == torch.bfloat16
     assert all(np.isfinite([r["match_loss"], r["grad_sim"], r["syn_lm_loss"]]).all() for r in rows)
@@ -112,7 +112,7 @@ def test_bf16_stage2_trains_the_generator_with_finite_matching_losses(tiny_lm_di
 def test_precision_is_part_of_every_stage_and_evaluation_key_and_fp32_keys_are_unchanged(tiny_overrides):
     from dilm_ray.data import load_data
     from dilm_ray.evaluation.job import eval_key
-    from dilm_ray.stages import STAGES
+    from dilm_ray.pipeline.table import STAGES
 
     fp32 = load_config("configs/sst2-cpu.yaml", [*tiny_overrides, "precision=fp32"])
     bf16 = load_config("configs/sst2-cpu.yaml", [*tiny_overrides, "precision=bf16"])

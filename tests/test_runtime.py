@@ -76,7 +76,7 @@ def test_stage_loops_reduce_metrics_at_log_steps_only(tiny_lm_dir, tiny_bert_dir
     from dilm_ray.data import BUILTIN_TASKS
     from dilm_ray.models.generator import build_generator
     from dilm_ray.models.learner import build_learner
-    from dilm_ray.train.distill import distill
+    from dilm_ray.train.distill import DistillInputs, distill
     from dilm_ray.train.pretrain import pretrain
 
     train, _ = toy_sets
@@ -93,7 +93,7 @@ def test_stage_loops_reduce_metrics_at_log_steps_only(tiny_lm_dir, tiny_bert_dir
     learner = build_learner(LearnerConfig(model=str(tiny_bert_dir), max_length=12), 2, seed=0)
     cfg = DistillConfig(steps=4, inner_loop=2, learner_steps=1, log_every=4, n_repset=1, repset_dpc=4, gm_real_dpc=2,
                         gm_syn_dpc=2, generate_interval=2, learner_batch_size=4)
-    distill(gen, learner, train, cfg, gen_cfg, seed=0, runtime=runtime)
+    distill(gen, learner, DistillInputs(train, cfg, gen_cfg, seed=0), runtime=runtime)
     assert len([c for c in rec.calls if c[1] == torch.float64]) == 1  # the one log step
     assert len([c for c in rec.calls if c[1] == torch.float32]) == 4  # one bucket per matching step
 

@@ -4,7 +4,7 @@ import torch
 
 from dilm_ray.config import EvaluateConfig, GeneratorConfig, LearnerConfig, SynthesizeConfig, load_config
 from dilm_ray.data import BUILTIN_TASKS, load_file
-from dilm_ray.commands.pipeline import evaluate_groups
+from dilm_ray.pipeline.evaluate import evaluate_groups
 from dilm_ray.data import TaskData
 from dilm_ray.evaluation.job import plan_jobs
 from dilm_ray.evaluation.report import results_table, to_markdown
@@ -12,7 +12,8 @@ from dilm_ray.evaluation.stats import summarize, welch_ci, welch_p
 from dilm_ray.evaluation.train_eval import scores, train_learner, predict
 from dilm_ray.models.generator import build_generator
 from dilm_ray.models.learner import build_learner
-from dilm_ray.synthesis import select_per_class, synthesize
+from dilm_ray.algorithm.selection import select_per_class
+from dilm_ray.train.synthesize import synthesize
 from tests.conftest import loaded_sets
 
 SST2 = BUILTIN_TASKS["sst2"]

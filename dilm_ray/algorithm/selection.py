@@ -161,3 +161,24 @@ def embedding_classifier(embeddings: torch.Tensor, labels: np.ndarray, seed: int
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=c, random_state=seed))
     clf.fit(embeddings.float().numpy(), np.asarray(labels))
     return lambda x: torch.from_numpy(clf.predict_proba(x.float().numpy())).float()
+
+
+def select_per_class(embeddings: torch.Tensor, labels: np.ndarray, dpc: int, method: str, seed: int) -> np.ndarray:
+    """Indices (int64, shape [<= dpc x labels], label by label) of ``dpc`` rows per label chosen
+    by ``method`` on ``embeddings`` (float [n, d]): ``random`` (seeded), ``k_centers`` (the row
+    nearest each K-means centroid, DiLM's reference ``src/coreset/k_centers.py``) or ``herding``.
+    A label with fewer rows keeps all of them. Raises ``ValueError`` for an unknown method."""
+    chosen = []
+    for label in np.unique(labels):
+        idx = np.flatnonzero(labels == label)
+        k = min(dpc, len(idx))
+        if method == "random":
+            pick = random_subset(len(idx), k, seed + int(label))
+        elif method == "k_centers":
+            pick = k_centers(embeddings[idx], k, seed + int(label))
+        elif method == "herding":
+            pick = herding(embeddings[idx], k)
+        else:
+            raise ValueError(f"unknown selection method {method!r}")
+        chosen.append(idx[pick.numpy()])
+    return np.concatenate(chosen)

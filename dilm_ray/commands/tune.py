@@ -1,8 +1,9 @@
 """``dilm-ray tune``: a Ray Tune sweep over the config's ``tune.space``.
 
-Each trial = distill (a ``TorchTrainer`` inside the trial) + synthesize + evaluate, starting
-from one shared stage-1 generator. Trials report the running mean validation score after each
-evaluated distilled set, so ASHA can stop weak trials early. MLflow: one parent run for the
+Each trial = distill (a ``TorchTrainer`` inside the trial) + synthesize through the stage table,
+starting from one shared stage-1 generator, then the evaluation every command uses
+(``pipeline.evaluate``). Trials report their score (``trial_metrics``) after each round of
+evaluation runs, so ASHA can stop weak trials early; trials are ranked by ``tune.metric``. MLflow: one parent run for the
 sweep, one child run per trial (``MLflowLoggerCallback`` on the driver closes ASHA-stopped runs).
 """
 
@@ -38,7 +39,10 @@ def search_space(space: dict[str, SearchSpec]) -> dict[str, Any]:
 
 
 # Keys each trial sets for itself (trial_config), and the sweep's own section.
-TRIAL_OWNED = ("name", "output_dir", "ray.storage_path", "tracking.enabled")
+TRIAL_OWNED = ("name", "output_dir", "ray.storage_path", "tracking.enabled", "evaluate.learners", "evaluate.parallel", "evaluate.full_data_samples")
+# What a trial's evaluation may be ranked by: every row has accuracy and the task's score
+# (accuracy, or for QQP the mean of accuracy and F1), accuracy_f1 tasks also f1.
+METRICS = ("accuracy", "score", "f1")
 
 
 def trial_constants(cfg: Config) -> dict[str, Any]:
@@ -68,7 +72,9 @@ def mlflow_callback(cfg: Config, parent: str):
 def trial_config(base: Config, params: dict[str, Any], trial_name: str) -> Config:
     """The base config with the trial's values, written into its own run folder; its stage-2
     checkpoints go to ``<ray.storage_path>/<name>-tune`` when the sweep sets a storage path,
-    else to ``<run>/tune/train``."""
+    else to ``<run>/tune/train``. A trial evaluates ``learner.model`` alone, in its own process
+    (Ray tasks could wait forever for CPUs the trials' Train workers hold on a small machine),
+    without the full-data row: ``dilm-ray evaluate`` with its ``config.yaml`` runs the same runs."""
     tree = base.to_dict()
     for key, value in params.items():
         apply_override(tree, key, value)
@@ -78,21 +84,68 @@ def trial_config(base: Config, params: dict[str, Any], trial_name: str) -> Confi
     given = base.ray.storage_path
     tree["ray"]["storage_path"] = f"{given.rstrip('/')}/{base.name}-tune" if given else str(RunLayout(base.run_dir).tune / "train")
     tree["tracking"]["enabled"] = False  # the driver's MLflowLoggerCallback records trials
+    tree["evaluate"].update(learners=[], parallel=False, full_data_samples=None)
     return validated(tree, "the trial's tune.space values")
+
+
+def space_configs(cfg: Config) -> list[tuple[dict[str, Any], Config]]:
+    """The configs the sweep can make: every combination of the grid and choice values, and of
+    the ends of the continuous ranges (``low``, ``high``). ``UserError`` (one line naming the
+    values) for a combination the config refuses, e.g. ``distill.steps`` not a multiple of a
+    searched ``distill.inner_loop``."""
+    import itertools
+
+    choices = {k: (spec.values if spec.type in ("grid", "choice") else [spec.low, spec.high]) for k, spec in cfg.tune.space.items()}
+    made = []
+    for values in itertools.islice(itertools.product(*choices.values()), 4096):  # a bound for huge spaces: the first 4096
+        params = dict(zip(choices, values))
+        tree = cfg.to_dict()
+        for key, value in params.items():
+            apply_override(tree, key, value)
+        made.append((params, validated(tree, "tune.space " + ", ".join(f"{k}={v}" for k, v in params.items()))))
+    return made
+
+
+def check_space(cfg: Config, metric_names: tuple[str, ...]) -> None:
+    """Refuse, before anything runs, a sweep that cannot work (``UserError``, one line):
+    an empty space, a ``tune.metric`` that trials do not report (``metric_names``), a combination
+    of searched values the config refuses, or a searched key that changes stage 1, which every
+    trial shares (searching it would need a generator per trial: run separate sweeps)."""
+    from dilm_ray.pipeline.base import pretrain_key
+
+    if not cfg.tune.space:
+        raise UserError("tune.space is empty: add at least one dimension, e.g. distill.inner_loop: {type: grid, values: [5, 10]}")
+    if cfg.tune.metric not in metric_names:
+        raise UserError(f"tune.metric '{cfg.tune.metric}' is not reported by trials of this task (use {' or '.join(metric_names)})")
+    shared = pretrain_key(cfg)
+    for params, trial in space_configs(cfg):
+        if pretrain_key(trial) != shared:
+            changed = [k for k in params if pretrain_key(trial_config(cfg, {k: params[k]}, cfg.name)) != shared]
+            raise UserError(f"tune.space.{(changed or list(params))[0]} changes stage 1 (pretrain), which every trial shares: search it in separate sweeps")
+
+
+def trial_metrics(rows: list[dict], metric_names: tuple[str, ...]) -> dict[str, float]:
+    """A trial's score under each of ``metric_names``: the mean over its DPCs of each DPC's mean
+    over its evaluation runs (each DPC counts the same, whatever its runs)."""
+    frame = pd.DataFrame(rows)
+    return {m: float(frame.groupby("dpc")[m].mean().mean()) for m in metric_names if m in frame}
 
 
 def run_trial(params: dict[str, Any], base_dict: dict[str, Any]) -> None:
     """One trial (runs as a Tune function trainable): stage 2 from the sweep's stage-1
-    generator, stage 3, then the trial's sets evaluated one after another, reporting the
-    running mean score after each set so that ASHA can stop the trial. A retried trial
-    (``ray.max_failures``) resumes its stage 2 and keeps its written sets."""
+    generator and stage 3, through the stage table, then the evaluation of ``dilm-ray run``
+    (``pipeline.evaluate.evaluate_groups``: the same plan, seeds, ``runs.csv`` and resume) on
+    its sets. It reports ``trial_metrics`` after each round of runs (one run of each DPC), so
+    that ASHA can stop it. A retried trial (``ray.max_failures``) resumes its stage 2 and keeps
+    its sets and finished runs."""
     from ray import tune
 
-    from dilm_ray.data import load_data, load_file
-    from dilm_ray.evaluation.job import EvalJob, eval_key, run_job
-    from dilm_ray.keys import file_digest
+    from dilm_ray.data import load_data
+    from dilm_ray.pipeline.base import Context
+    from dilm_ray.pipeline.evaluate import load_groups, evaluate_groups, sets_of
+    from dilm_ray.pipeline.table import run_stages
     from dilm_ray.seeding import setup_torch
-    from dilm_ray.stages import BY_NAME, Context, synthesize_sets
+    from dilm_ray.timing import StageTimer
 
     base = Config.model_validate(base_dict)
     cfg = trial_config(base, params, f"trial-{tune.get_context().get_trial_id()}")
@@ -104,27 +157,27 @@ def run_trial(params: dict[str, Any], base_dict: dict[str, Any]) -> None:
         if not link.exists():
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(shared)
+    (layout.root / "config.yaml").write_text(cfg.to_yaml())  # `dilm-ray evaluate` with it re-runs the trial's runs
     data = load_data(cfg)
     # resume: a trial that Tune retries (tune.FailureConfig, e.g. after its node died) continues
     # its own stage 2 from the latest Train checkpoint, or skips it when done, and keeps the sets
-    # it wrote; the trial id in its name makes every folder and checkpoint its own
+    # and runs it made; the trial id in its name makes every folder and checkpoint its own
     ctx = Context(cfg, data, ("dilm",), resume=True)
-    distill = BY_NAME["distill"]
-    if not distill.done(ctx):
-        distill.run(ctx)
-        distill.mark(ctx)
-    written = synthesize_sets(ctx, "dilm")
-    key = eval_key(cfg, data.task, data.validation, cfg.learner.model)
-    cache: dict = {}
-    scores: list[float] = []
-    runs_per_set = cfg.evaluate.n_evals_per_dataset
-    for index in range(cfg.synthesize.n_datasets):
-        for dpc, paths in written.items():
-            train = load_file(paths[index], data.task)
-            for r in range(runs_per_set):
-                job = EvalJob(cfg.learner.model, "dilm", dpc, index, cfg.seed + index * runs_per_set + r)
-                scores.append(run_job(job, train, file_digest(paths[index]), data.validation, cfg, data.task, key, cache)["score"])
-        tune.report({cfg.tune.metric: float(np.mean(scores)), "sets_evaluated": index + 1, "runs": len(scores), "run_dir": str(cfg.run_dir)})
+    timer = StageTimer(layout.timing)
+    run_stages(ctx, timer)
+    groups = load_groups(sets_of(ctx), data.task)
+    names = tuple(m for m in METRICS if m != "f1" or data.task.metric == "accuracy_f1")
+    reported = [0]
+
+    def report(rows: list[dict]) -> None:
+        if len(rows) % len(groups) == 0 or len(rows) == len(plan_rows):  # a round of runs complete, or the last run
+            tune.report({**trial_metrics(rows, names), "runs": len(rows), "rounds": len(rows) // len(groups), "run_dir": str(cfg.run_dir)})
+            reported[0] = len(rows)
+
+    plan_rows = range(len(groups) * cfg.synthesize.n_datasets * cfg.evaluate.n_evals_per_dataset)
+    runs = evaluate_groups(cfg, data, groups, layout.runs_csv, [cfg.learner.model], resume=True, timer=timer, parallel=False, on_run=report)
+    if reported[0] != len(runs):  # every run was kept from before a retry: report them once
+        report(runs.to_dict("records"))
 
 
 def run_sweep(cfg: Config, resume: bool = False) -> str:
@@ -135,15 +188,13 @@ def run_sweep(cfg: Config, resume: bool = False) -> str:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from dilm_ray.driver.ray_env import ensure_ray
-    from dilm_ray.stages import Context, check_inputs, run_stages
+    from dilm_ray.pipeline.base import Context, check_inputs
+    from dilm_ray.pipeline.table import run_stages
     from dilm_ray.timing import StageTimer
     from dilm_ray.tracking.mlflow_store import log_artifacts, mlflow_run
 
-    if not cfg.tune.space:
-        raise UserError("tune.space is empty: add at least one dimension, e.g. distill.inner_loop: {type: grid, values: [5, 10]}")
-    if cfg.tune.metric != "accuracy" and cfg.tune.metric != "score":
-        raise UserError(f"tune.metric '{cfg.tune.metric}' is not reported by trials (use accuracy or score)")
     data = check_inputs(cfg)
+    check_space(cfg, tuple(m for m in METRICS if m != "f1" or data.task.metric == "accuracy_f1"))
     ensure_ray(cfg)
     layout = RunLayout(cfg.run_dir)
     out = layout.tune
@@ -151,8 +202,9 @@ def run_sweep(cfg: Config, resume: bool = False) -> str:
     with mlflow_run(cfg, "tune", layout.mlflow_runs, resume) as parent:
         # one stage-1 generator shared by every trial, kept from an earlier sweep or run of this name
         run_stages(Context(cfg, data, ("lm_only",), parent, resume=True), StageTimer(layout.timing), only=("pretrain",))
+        rounds = cfg.synthesize.n_datasets * cfg.evaluate.n_evals_per_dataset  # a trial's reports: one per round of runs
         scheduler = (
-            ASHAScheduler(time_attr="training_iteration", max_t=cfg.synthesize.n_datasets, grace_period=cfg.tune.grace_period)
+            ASHAScheduler(time_attr="training_iteration", max_t=rounds, grace_period=cfg.tune.grace_period)
             if cfg.tune.scheduler == "asha"
             else FIFOScheduler()
         )
@@ -180,7 +232,7 @@ def run_sweep(cfg: Config, resume: bool = False) -> str:
                 ),
             )
         results = tuner.fit()
-        outcomes = trial_outcomes(results.experiment_path, cfg.synthesize.n_datasets)
+        outcomes = trial_outcomes(results.experiment_path, rounds)
         table = ranked_table(outcomes, list(cfg.tune.space), cfg.tune.metric, cfg.tune.mode)
         out.mkdir(parents=True, exist_ok=True)
         table.to_csv(out / "ranking.csv", index=False)
@@ -213,7 +265,7 @@ def run_sweep(cfg: Config, resume: bool = False) -> str:
 @dataclass(frozen=True)
 class TrialOutcome:
     """How one trial ended: ``status`` FINISHED (every set evaluated), STOPPED (ASHA stopped it
-    after ``metrics["sets_evaluated"]`` sets) or ERROR (``reason``: the error's last line); its
+    after ``metrics["rounds"]`` rounds of runs) or ERROR (``reason``: the error's last line); its
     searched ``params`` and last reported ``metrics`` (empty when it never reported)."""
 
     trial_id: str
@@ -224,7 +276,7 @@ class TrialOutcome:
     reason: str = ""
 
 
-def trial_outcomes(experiment_path: str, n_sets: int) -> list[TrialOutcome]:
+def trial_outcomes(experiment_path: str, rounds: int) -> list[TrialOutcome]:
     """Every trial of the sweep stored at ``experiment_path`` (``ray.tune.ExperimentAnalysis``),
     failed ones included, in Tune's trial order."""
     from ray.tune import ExperimentAnalysis
@@ -239,7 +291,7 @@ def trial_outcomes(experiment_path: str, n_sets: int) -> list[TrialOutcome]:
                 pickled, text = None, None
             status, reason = "ERROR", error_reason(pickled, str(text) if text is not None else None)
         else:
-            status, reason = ("FINISHED" if metrics.get("sets_evaluated", 0) >= n_sets else "STOPPED"), ""
+            status, reason = ("FINISHED" if metrics.get("rounds", 0) >= rounds else "STOPPED"), ""
         params = {k: v for k, v in trial.config.items()}
         outcomes.append(TrialOutcome(trial.trial_id, status, params, metrics, float(metrics.get("time_total_s", 0.0)) / 60, reason))
     return outcomes
@@ -264,11 +316,11 @@ def ranked_table(outcomes: list[TrialOutcome], keys: list[str], metric: str, mod
     """Every trial: scored ones (FINISHED, STOPPED) best first, then the failed ones with their
     reason; searched values and wall time (quality per hour is the aim)."""
     rows = [
-        {"trial_id": o.trial_id, "status": o.status, metric: o.metrics.get(metric, np.nan), "sets_evaluated": o.metrics.get("sets_evaluated", 0),
+        {"trial_id": o.trial_id, "status": o.status, metric: o.metrics.get(metric, np.nan), "runs": o.metrics.get("runs", 0),
          "minutes": o.minutes, **{k: o.params.get(k) for k in keys}, "reason": o.reason}
         for o in outcomes
     ]
-    table = pd.DataFrame(rows, columns=["trial_id", "status", metric, "sets_evaluated", "minutes", *keys, "reason"])
+    table = pd.DataFrame(rows, columns=["trial_id", "status", metric, "runs", "minutes", *keys, "reason"])
     failed = table["status"] == "ERROR"
     scored = table[~failed].sort_values(metric, ascending=mode == "min", na_position="last")
     return pd.concat([scored, table[failed]]).reset_index(drop=True)

@@ -2,7 +2,8 @@
 
 Workers share the generator through averaged gradients (gloo on CPU, nccl on GPU); each has
 its own data shard, learner and synthetic pool (seeds offset by rank). Rank 0 checkpoints the
-generator with the loop state every ``checkpoint_every`` steps; a restarted worker group
+generator with the loop state at the first step past each multiple of ``checkpoint_every``
+(``crossed``); a restarted worker group
 (``ray.max_failures``) or a new invocation with ``resume=True`` continues from the latest one.
 """
 
@@ -21,9 +22,6 @@ from typing import Any
 from dilm_ray.config import Config
 from dilm_ray.errors import UserError
 from dilm_ray.layout import RunLayout
-
-STAGES = ("pretrain", "distill")
-
 
 BAR_METRICS = ("lm_loss", "match_loss", "grad_sim")  # shown beside a stage's bar; every metric prints at log steps
 
@@ -82,7 +80,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     from dilm_ray.driver.progress import BoardLogger
     from dilm_ray.tracking.loggers import ConsoleLogger, MLflowLogger, MultiLogger
     from dilm_ray.train.runtime import Runtime
-    from dilm_ray.train.state import TrainState
+    from dilm_ray.train.state import TrainState, crossed
 
     cfg = Config.model_validate(loop_config["cfg"])
     stage = loop_config["stage"]
@@ -111,9 +109,14 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         MLflowLogger(stage, loop_config.get("run_id"), runtime.is_main, resumed=checkpoint is not None),
     )
     section = cfg.pretrain if stage == "pretrain" else cfg.distill
+    # stage 2 calls back every inner_loop steps: checkpoint at the first call past each multiple
+    previous = state.step if state is not None else 0
 
     def on_step(st: TrainState, metrics: dict[str, float]) -> None:
+        nonlocal previous
         final = st.step == section.steps
+        save = crossed(previous, st.step, section.checkpoint_every) or final
+        previous = st.step
         if progress is not None:
             sent = progress.update.remote(st.step, {k: f"{v:.4g}" for k, v in metrics.items() if k in BAR_METRICS})
             if final:  # calls from one caller run in order: the last lines and step reach the board before the workers end
@@ -121,7 +124,6 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
                     ray.get(sent, timeout=30)
                 except (ray.exceptions.RayError, TimeoutError):  # the board only draws: never end the stage for it
                     pass
-        save = st.step % section.checkpoint_every == 0 or final
         if not (save or metrics):
             return
         report = {"step": st.step, **metrics}
@@ -140,13 +142,14 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         pretrain(gen, data.train, cfg.pretrain, cfg.generator, cfg.seed, runtime, logger, state, on_step)
     else:
         from dilm_ray.models.learner import build_learner
-        from dilm_ray.train.distill import distill
+        from dilm_ray.train.distill import DistillInputs, distill
         from dilm_ray.train.embeddings import train_embeddings
 
         learner = build_learner(cfg.learner, data.task.num_labels, cfg.seed + runtime.rank)
         learner.model.to(runtime.device)
         embeddings = train_embeddings(RunLayout(cfg.run_dir).cache, data.train, learner, cfg.precision)
-        distill(gen, learner, data.train, cfg.distill, cfg.generator, cfg.seed, runtime, logger, state, on_step, embeddings)
+        inputs = DistillInputs(data.train, cfg.distill, cfg.generator, cfg.seed, embeddings)
+        distill(gen, learner, inputs, runtime=runtime, logger=logger, state=state, on_outer_loop=on_step)
     shutil.rmtree(local, ignore_errors=True)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from dilm_ray.data.dataset import TextSet
 from dilm_ray.evaluation.job import FULL_DATA
-from dilm_ray.layout import CORESETS
+from dilm_ray.methods import CORESETS
 
 REAL_ROW_METHODS = (*CORESETS, FULL_DATA)  # rows of the train split itself
 

@@ -51,8 +51,16 @@ def plan_jobs(groups: Mapping[Group, Sequence], runs_per_group: int, seed: int, 
 
 ZERO_SHOT: Group = ("zero_shot", 0)  # icl: learners' reference: the prompt without demonstrations
 FULL_DATA = "full_data"  # method of the full-data row: many real train rows, a ceiling for the sets
-FAMILY_SECTIONS = {"encoder", "decoder", "scratch"}  # resolved into the fields they set by family_config
-ONLY_SELECTING = {"n_evals_per_dataset", "baselines", "learners", "parallel", "full_data_samples", "full_data_seeds"}  # choose jobs, not a score
+FAMILY_SECTIONS = ("encoder", "decoder", "scratch")  # evaluate.<family>: resolved into the fields they set by family_config
+
+# The fields a score depends on, by name: a field added to a section enters no key until it is
+# listed here (``tests/test_pipeline_keys.py`` pins every shipped config's keys). Not the fields
+# that only choose which runs exist (n_evals_per_dataset, baselines, learners, parallel,
+# full_data_samples, full_data_seeds), nor full_data_steps (full-data runs: protocol_config).
+LEARNER_FIELDS = ("model", "max_length", "pooling", "dropout", "embed_batch_size")
+PROTOCOL_FIELDS = ("lr", "steps", "batch_size", "warmup_ratio", "scheduler", "weight_decay", "grad_clip", "eval_batch_size")
+PROTOCOL_FIELDS_IF_SET = ("train_top_layers", "body_fraction")  # None (whole body, every layer trains): keys made before they existed
+ICL_FIELDS = ("icl_shots_per_class", "icl_batch_size")  # only icl: learners read them
 
 
 def plan_for_learners(
@@ -86,26 +94,26 @@ def protocol_config(cfg: Config, method: str) -> Config:
     if method != FULL_DATA:
         return cfg
     ev = cfg.evaluate
-    families = {f: getattr(ev, f).model_copy(update={"steps": None}) for f in sorted(FAMILY_SECTIONS)}
+    families = {f: getattr(ev, f).model_copy(update={"steps": None}) for f in FAMILY_SECTIONS}
     return cfg.model_copy(update={"evaluate": ev.model_copy(update={"steps": ev.full_data_steps, **families})})
 
 
 def eval_key(cfg: Config, task: TaskSpec, validation: TextSet, learner: str) -> str:
-    """What a job's score depends on besides its set and seed: the learner name and config,
-    the precision of its forward passes (neural and icl: learners), the training protocol of its
-    family (``evaluate`` as ``learners.family_config`` resolves it, minus the keys that only choose
-    which jobs run), the task's metric and the validation rows themselves (not the path they came from).
+    """What a job's score depends on besides its set and seed: the learner name and its
+    ``LEARNER_FIELDS``, the precision of its forward passes (neural and icl: learners), the
+    training protocol of its family (``evaluate`` as ``learners.family_config`` resolves it:
+    ``PROTOCOL_FIELDS``, ``PROTOCOL_FIELDS_IF_SET`` when set, ``ICL_FIELDS`` for icl: learners),
+    the task's metric and labels, and the validation rows themselves (not the path they came from).
 
     16 hex characters (``content_key``)."""
     from dilm_ray.evaluation.icl import is_icl
 
     cfg = family_config(cfg, learner)  # the family's protocol replaces the fields it sets
-    protocol = cfg.evaluate.model_dump(mode="json", exclude=ONLY_SELECTING | FAMILY_SECTIONS | {"full_data_steps"})  # full-data jobs: protocol_config
-    for field in ("train_top_layers", "body_fraction"):  # None (whole body, every layer trains): the keys made before these settings existed
-        if protocol[field] is None:
-            del protocol[field]
-    if not is_icl(learner):  # the in-context settings touch only icl: learners
-        protocol = {k: v for k, v in protocol.items() if not k.startswith("icl_")}
+    ev, lrn = cfg.evaluate.model_dump(mode="json"), cfg.learner.model_dump(mode="json")
+    protocol = {k: ev[k] for k in PROTOCOL_FIELDS}
+    protocol.update({k: ev[k] for k in PROTOCOL_FIELDS_IF_SET if ev[k] is not None})
+    if is_icl(learner):
+        protocol.update({k: ev[k] for k in ICL_FIELDS})
     from dilm_ray.models.learner import PAIR_ENCODING_VERSION
 
     from dilm_ray.evaluation.learners import TFIDF
@@ -113,7 +121,7 @@ def eval_key(cfg: Config, task: TaskSpec, validation: TextSet, learner: str) -> 
 
     pairs = [PAIR_ENCODING_VERSION] if task.is_pair else []  # how the learner reads a pair (single texts: unchanged)
     precision = [] if learner == TFIDF else key_parts(cfg.precision)  # TF-IDF has no forward pass to cast
-    return content_key(learner, cfg.learner.model_dump(mode="json"), protocol, task.metric, task.label_names, validation.digest(), *pairs, *precision)
+    return content_key(learner, {k: lrn[k] for k in LEARNER_FIELDS}, protocol, task.metric, task.label_names, validation.digest(), *pairs, *precision)
 
 
 def run_job(job: EvalJob, train: TextSet, set_digest: str, validation: TextSet, cfg: Config, task: TaskSpec, key: str, cache: dict | None = None) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -14,14 +15,14 @@ from dilm_ray.algorithm.matching import match_loss, sample_weights, weighted_gra
 from dilm_ray.algorithm.selection import LabelFilter, consistent_mask, embedding_classifier, kmeans, label_consistent, nearest_to_centers
 from dilm_ray.config import DistillConfig, GeneratorConfig
 from dilm_ray.data.dataset import TextSet
-from dilm_ray.models.generator import Generator, set_trainable
+from dilm_ray.models.generator import Generator
 from dilm_ray.models.learner import Learner
 from dilm_ray.precision import prepare
 from dilm_ray.tracking.loggers import MetricLogger, NullLogger
 from dilm_ray.train.gradients import learner_grads
-from dilm_ray.train.optim import adamw, schedule
+from dilm_ray.train.loop import set_up_loop
 from dilm_ray.train.runtime import Runtime
-from dilm_ray.train.state import TrainState
+from dilm_ray.train.state import TrainState, crossed
 
 
 def representative_teachers(embeddings: torch.Tensor, labels: np.ndarray, num_labels: int, n_sets: int, dpc: int, seed: int) -> list[np.ndarray]:
@@ -85,8 +86,13 @@ def pool_batches(
     return batches
 
 
-class _Cycle:
-    """Endless batches of ``size`` from ``indices``, reshuffled each pass."""
+class Cycle:
+    """Endless batches of ``size`` indices drawn from ``indices``, reshuffled by ``rng`` at each pass.
+
+    ``indices``: int64 [n] (rows of a ``TextSet``); ``size`` >= 1 may exceed n (a batch then
+    spans passes). Stage 2's source of real teacher, learner and LM batches; draws from ``rng`` only
+    when a pass is used up.
+    """
 
     def __init__(self, indices: np.ndarray, size: int, rng: np.random.Generator):
         self.indices, self.size, self.rng, self.queue = indices, size, rng, np.empty(0, dtype=np.int64)
@@ -99,28 +105,45 @@ class _Cycle:
         return out
 
 
+@dataclass(frozen=True)
+class DistillInputs:
+    """What stage 2 needs besides the generator and the learner.
+
+    ``train``: the real train set (teachers, learner inner loop, LM batches); ``cfg`` /
+    ``gen_cfg``: the ``distill`` and ``generator`` sections; ``seed``: the run's seed (LoRA
+    adapters come from it as is, everything else from ``seed + 1000 x rank``);
+    ``teacher_embeddings``: float [len(train), hidden] from the learner's pretrained body
+    (``train_embeddings``), None: ``learner.embed(train)`` at the start.
+    """
+
+    train: TextSet
+    cfg: DistillConfig
+    gen_cfg: GeneratorConfig
+    seed: int
+    teacher_embeddings: torch.Tensor | None = None
+
+
 def distill(
     gen: Generator,
     learner: Learner,
-    train: TextSet,
-    cfg: DistillConfig,
-    gen_cfg: GeneratorConfig,
-    seed: int,
+    inputs: DistillInputs,
+    *,
     runtime: Runtime = Runtime(),
     logger: MetricLogger = NullLogger(),
     state: TrainState | None = None,
     on_outer_loop: Callable[[TrainState, dict[str, float]], None] | None = None,
-    teacher_embeddings: torch.Tensor | None = None,
 ) -> TrainState:
     """Gradient matching (DiLM Alg. 1). Each worker has its own learner and synthetic pool
     (seeds offset by rank); generator gradients are averaged across workers (``GradientSync``).
 
     Per outer loop: (re)generate the pool every ``cfg.generate_interval`` loops, reset the learner,
     then ``cfg.inner_loop`` generator steps on (1 - lm_lambda) * matching loss (+ lm_lambda * LM
-    loss), with ``cfg.learner_steps`` learner updates on real data between them (Sec. 3.2).
-    ``teacher_embeddings``: float [len(train), hidden], else ``learner.embed(train)``.
+    loss), with ``cfg.learner_steps`` learner updates on real data between them (Sec. 3.2);
+    ``cfg`` is ``inputs.cfg``. ``state`` resumes a checkpointed run (``set_up_loop``).
     ``on_outer_loop`` gets the state after every outer loop, and at log steps (an empty dict
-    otherwise) the summary of the loops since the last one, which is also logged: ``match_loss`` (in [0, 2]), ``grad_sim``
+    otherwise) the summary of the loops since the last one, which is also logged. Log steps are
+    the first step at or past each multiple of ``cfg.log_every`` (``crossed``), and the last.
+    The summary: ``match_loss`` (in [0, 2]), ``grad_sim``
     (in [-1, 1]), ``syn_lm_loss`` / ``lm_loss`` (nats/token), ``dropped_samples`` and
     ``constrained_samples`` (counts per pool, ``Generator.generate``),
     ``seconds_*`` (cumulative seconds) and ``lr``, averaged over workers; with
@@ -129,31 +152,21 @@ def distill(
     weights; head gradients, sample weights and the matching loss in fp32). Returns the state with
     ``step == cfg.steps``. Raises ``GenerationError`` when the generator cannot produce well-formed samples.
     """
+    train, cfg, gen_cfg = inputs.train, inputs.cfg, inputs.gen_cfg
     num_labels = gen.task.num_labels
-    # adapters drawn from the unoffset seed: every worker starts from the same ones
-    adapter = state.extra.get("adapter") if state else None
-    params = [p for p in set_trainable(gen, gen_cfg, label_tokens=False, seed=seed, adapter=adapter) if p.requires_grad]
-    seed = seed + 1000 * runtime.rank
-    prepare(gen.model, runtime.precision, runtime.device)
+    seed = inputs.seed + 1000 * runtime.rank
+    params, optimizer, scheduler, state, rng = set_up_loop(gen, gen_cfg, cfg, runtime, state, seed=inputs.seed, rng_seed=seed, label_tokens=False)
     prepare(learner.model.body, runtime.precision, runtime.device)
-    optimizer = adamw(params, cfg.lr, cfg.weight_decay)
-    scheduler = schedule(optimizer, "constant", cfg.steps, 0.0)
-    state = state or TrainState(step=0, rng=np.random.default_rng(seed).bit_generator.state)
-    if gen.adapted:  # saved with every checkpoint: the generator folder holds the adapters merged
-        state.extra["adapter"] = gen.adapter_state()
-    state.restore_optim(optimizer, scheduler)
-    rng = np.random.default_rng()
-    rng.bit_generator.state = state.rng
     torch_rng = torch.Generator().manual_seed(seed + state.step)
 
-    emb = teacher_embeddings if teacher_embeddings is not None else learner.embed(train, progress=runtime.is_main)
+    emb = inputs.teacher_embeddings if inputs.teacher_embeddings is not None else learner.embed(train, progress=runtime.is_main)
     teachers = representative_teachers(emb, train.labels, num_labels, cfg.n_repset, cfg.repset_dpc, seed)
     # the label filter's reference classifier (beyond the paper): fitted on the same embeddings
     # the teachers come from, i.e. the learner's pretrained body
     label_filter = embedding_classifier(emb, train.labels, seed) if cfg.label_filter else None
-    real_batches = [_Cycle(t, cfg.gm_real_dpc, rng) for t in teachers]
-    learner_batches = _Cycle(np.arange(len(train)), cfg.learner_batch_size, rng)
-    lm_batches = _Cycle(np.arange(len(train)), cfg.lm_batch_size, rng)
+    real_batches = [Cycle(t, cfg.gm_real_dpc, rng) for t in teachers]
+    learner_batches = Cycle(np.arange(len(train)), cfg.learner_batch_size, rng)
+    lm_batches = Cycle(np.arange(len(train)), cfg.lm_batch_size, rng)
 
     outer_loops = cfg.steps // cfg.inner_loop
     first = state.step // cfg.inner_loop
@@ -183,7 +196,7 @@ def distill(
                 start = time.perf_counter()
                 real = [train.select(np.concatenate([real_batches[y].next() for _ in range(cfg.gm_real_accum)])) for y in range(num_labels)]
                 syn = TextSet.concat([pool.select(syn_batches[y].pop()) for y in range(num_labels)])
-                metrics = _matching_step(gen, learner, real, syn, cfg, train, lm_batches, runtime)
+                metrics = matching_step(gen, learner, real, syn, cfg, train, lm_batches, runtime)
                 sync.finish()
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 optimizer.step()
@@ -193,12 +206,12 @@ def distill(
                 seconds["seconds_match"] += time.perf_counter() - start
                 if inner + 1 < cfg.inner_loop:
                     start = time.perf_counter()
-                    _train_learner(learner, learner_opt, train, learner_batches, cfg.learner_steps, runtime)
+                    advance_learner(learner, learner_opt, train, learner_batches, cfg.learner_steps, runtime)
                     seconds["seconds_inner_loop"] += time.perf_counter() - start
-            state.step = (ol + 1) * cfg.inner_loop
+            previous, state.step = state.step, (ol + 1) * cfg.inner_loop
             state.rng = rng.bit_generator.state
             summary: dict[str, float] = {}
-            if state.step % cfg.log_every == 0 or ol + 1 == outer_loops:
+            if crossed(previous, state.step, cfg.log_every) or ol + 1 == outer_loops:
                 # reduced over workers at log steps only: one all-reduce, one transfer to the host
                 summary = runtime.mean_metrics({**_average(history), **seconds, "lr": scheduler.get_last_lr()[0]})
                 logger.log(summary, state.step)
@@ -225,13 +238,21 @@ def _synthetic_pool(gen, learner, cfg: DistillConfig, gen_cfg: GeneratorConfig, 
     return pool, batches, dropped, constrained, consistent
 
 
-def _matching_step(
-    gen: Generator, learner: Learner, real: list[TextSet], syn: TextSet, cfg: DistillConfig, train: TextSet, lm_batches: _Cycle, runtime: Runtime = Runtime()
+def matching_step(
+    gen: Generator, learner: Learner, real: list[TextSet], syn: TextSet, cfg: DistillConfig, train: TextSet, lm_batches: Cycle, runtime: Runtime = Runtime()
 ) -> dict[str, torch.Tensor]:
-    """Backpropagate (1 - lm_lambda) * matching loss (+ lm_lambda * LM loss) into the generator.
+    """One generator step's gradients (DiLM Alg. 1): backpropagate (1 - ``cfg.lm_lambda``) x the
+    matching loss (+ ``cfg.lm_lambda`` x the LM loss on a ``train`` batch from ``lm_batches``)
+    into the generator; the caller steps and zeroes its optimizer.
 
-    Returns the step's ``match_loss``, ``grad_sim``, ``syn_lm_loss`` (and ``lm_loss``) as
-    detached 0-dim tensors on the generator's device.
+    ``real``: per label, the real batch (``gm_real_dpc x gm_real_accum`` rows) whose learner
+    gradient is the target; ``syn``: the synthetic batch, every label, whose per-sample learner
+    gradients are weighted by softmax(-generator LM loss / ``cfg.temperature``) per label. The
+    learner gradient is of its head or of all its parameters (``cfg.grad``).
+
+    Returns the step's ``match_loss`` (1 - mean per-label cosine similarity, in [0, 2]),
+    ``grad_sim`` (in [-1, 1]), ``syn_lm_loss`` (and ``lm_loss``; nats/token) as detached 0-dim
+    tensors on the generator's device.
 
     Forward passes (learner features, generator LM losses) run under ``runtime.autocast()``;
     per-sample gradients, sample weights and the matching loss are computed in fp32 outside it.
@@ -259,9 +280,17 @@ def _matching_step(
     return metrics
 
 
-def _train_learner(learner: Learner, optimizer, train: TextSet, batches: _Cycle, steps: int, runtime: Runtime = Runtime()) -> None:
-    """The inner loop: move the learner along real-data training between matching steps
-    (forward under ``runtime.autocast()``, fp32 cross-entropy and AdamW)."""
+def advance_learner(
+    learner: Learner, optimizer: torch.optim.Optimizer, train: TextSet, batches: Cycle, steps: int, runtime: Runtime = Runtime()
+) -> None:
+    """Stage 2's inner loop between matching steps: ``steps`` updates of the learner (in train
+    mode, left so) on batches of ``train`` rows drawn from ``batches``, their labels as targets
+    (DiLM Alg. 1).
+
+    ``optimizer``: over ``learner.model``'s parameters (stage 2 makes a fresh AdamW per outer
+    loop). Forward under ``runtime.autocast()``; the cross-entropy (nats) and the update in fp32.
+    Not ``evaluation.train_eval.train_learner``, which trains a learner on a distilled set.
+    """
     model = learner.model
     model.train()
     for _ in range(steps):

@@ -10,12 +10,11 @@ from tqdm.auto import tqdm
 
 from dilm_ray.config import GeneratorConfig, PretrainConfig
 from dilm_ray.data.dataset import TextSet
-from dilm_ray.models.generator import Generator, set_trainable
-from dilm_ray.precision import prepare
+from dilm_ray.models.generator import Generator
 from dilm_ray.tracking.loggers import MetricLogger, NullLogger
-from dilm_ray.train.optim import adamw, schedule
+from dilm_ray.train.loop import set_up_loop
 from dilm_ray.train.runtime import Runtime
-from dilm_ray.train.state import TrainState
+from dilm_ray.train.state import TrainState, crossed
 
 
 def pretrain(
@@ -36,21 +35,12 @@ def pretrain(
 
     Loss: mean ``lm_losses`` (nats/token); AdamW with ``cfg.scheduler``, gradients averaged across
     workers (``GradientSync``: bucketed all-reduces overlapping backward) and clipped to ``cfg.grad_clip``; what ``set_trainable`` chooses from ``gen_cfg``
-    (LoRA adapters, the top blocks or every parameter) and the label tokens train. A resumed
-    ``state`` carries the adapters (``extra["adapter"]``). Logs ``lm_loss`` (window mean over steps
+    (LoRA adapters, the top blocks or every parameter) and the label tokens train (``set_up_loop``).
+    A resumed ``state`` carries the adapters (``extra["adapter"]``). Logs ``lm_loss`` (window mean over steps
     and workers) and ``lr`` every ``cfg.log_every`` steps. Returns the state with
     ``step == cfg.steps``. DiLM Sec. 3.1.
     """
-    params = set_trainable(gen, gen_cfg, label_tokens=True, seed=seed, adapter=state.extra.get("adapter") if state else None)
-    prepare(gen.model, runtime.precision, runtime.device)
-    optimizer = adamw(params, cfg.lr, cfg.weight_decay)
-    scheduler = schedule(optimizer, cfg.scheduler, cfg.steps, cfg.warmup_ratio)
-    state = state or TrainState(step=0, rng=np.random.default_rng(seed + runtime.rank).bit_generator.state)
-    if gen.adapted:  # saved with every checkpoint: the generator folder holds the adapters merged
-        state.extra["adapter"] = gen.adapter_state()
-    state.restore_optim(optimizer, scheduler)
-    rng = np.random.default_rng()
-    rng.bit_generator.state = state.rng
+    params, optimizer, scheduler, state, rng = set_up_loop(gen, gen_cfg, cfg, runtime, state, seed=seed, rng_seed=seed + runtime.rank, label_tokens=True)
     shard = np.arange(runtime.rank, len(train), runtime.world_size)
     per_worker = max(1, cfg.batch_size // runtime.world_size)
     gen.model.train()
@@ -71,7 +61,7 @@ def pretrain(
             window += loss.detach().double()
             window_steps += 1
             metrics: dict[str, float] = {}
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            if crossed(step, step + 1, cfg.log_every) or step + 1 == cfg.steps:
                 metrics = {**runtime.mean_metrics({"lm_loss": window / window_steps}), "lr": scheduler.get_last_lr()[0]}
                 window, window_steps = torch.zeros_like(window), 0
                 logger.log(metrics, step + 1)

@@ -1,4 +1,4 @@
-"""Resumable loop state: step, numpy RNG state and optimizer/scheduler state dicts."""
+"""Resumable loop state (step, numpy RNG state, optimizer/scheduler state dicts) and the interval test on steps."""
 
 from __future__ import annotations
 
@@ -39,3 +39,15 @@ class TrainState:
     def load(cls, path: Path) -> TrainState:
         """Read a ``save``d state; unpickles arbitrary objects (``weights_only=False``): trusted files only."""
         return cls(**torch.load(path, weights_only=False))
+
+
+def crossed(previous: int, step: int, every: int) -> bool:
+    """True when going from step ``previous`` to ``step`` reaches or passes a multiple of ``every``.
+
+    Steps are counts of updates (``TrainState.step``), ``previous <= step``, ``every >= 1``. Why
+    not ``step % every == 0``: stage 2's step advances by ``distill.inner_loop`` per outer loop,
+    so with ``inner_loop`` 3 and ``every`` 5 the modulo test fires only at 15, 30, ...; this one
+    fires at 6, 12, 15, 21, ..., the first step at or past each multiple. With unit steps (or
+    ``inner_loop`` dividing ``every``) the two agree.
+    """
+    return step // every > previous // every

@@ -1,10 +1,13 @@
-"""The resumable pipeline behind ``dilm-ray run``, ``dilm-ray evaluate`` and ``benchmarks/glue.py``.
+"""Evaluation (DiLM Sec. 4): fresh learners trained on every distilled set, several seeds each.
 
-Stages come from ``stages.STAGES``; evaluation jobs (learner x set x seed) run through an
-executor and each finished job's row is written to ``runs.csv`` at once, so an interrupted
-evaluation keeps its finished jobs and ``--resume`` runs only the rest. A row is reused only
-if its set (file digest) and its evaluation key (learner, protocol, validation rows) are
-the ones the job would use now.
+Its unit is the evaluation run (learner x set x seed, ``evaluation.job.EvalJob``), not a whole
+output: each finished run's row is written to ``runs.csv`` at once, so an interrupted
+evaluation keeps its finished runs and a resume runs only the rest. A row is reused only if its
+set (file digest) and its evaluation key (``evaluation.job.eval_key``: the learner, its training
+protocol, the metric and the validation rows, field by field) are the ones the run would use now.
+
+``dilm-ray run``, ``dilm-ray evaluate``, every ``dilm-ray tune`` trial and ``benchmarks/glue.py``
+evaluate through ``evaluate_groups``: the same plan, seeds, rows and resume.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import pandas as pd
 
 from dilm_ray import interrupts
 from dilm_ray.config import Config
-from dilm_ray.data import TaskData, TaskSpec, TextSet, load_data, load_file, subsample
+from dilm_ray.data import TaskData, TaskSpec, TextSet, load_file, subsample
 from dilm_ray.data.card import add_scores
 from dilm_ray.driver.executors import executor
 from dilm_ray.errors import UserError
@@ -27,10 +30,10 @@ from dilm_ray.evaluation.icl import is_icl
 from dilm_ray.evaluation.job import FULL_DATA, JOB_KEY, ZERO_SHOT, EvalJob, Group, eval_key, plan_for_learners, protocol_config, row_key, run_job
 from dilm_ray.evaluation.report import results_table, to_markdown, write_results
 from dilm_ray.keys import file_digest
-from dilm_ray.layout import RunLayout, discover_data_files, discover_sets
-from dilm_ray.stages import Context, check_inputs, run_stages, set_files
+from dilm_ray.layout import discover_data_files, discover_sets
+from dilm_ray.pipeline.base import Context, set_files
 from dilm_ray.timing import StageTimer
-from dilm_ray.tracking.mlflow_store import log_artifacts, log_evaluation_runs, log_metrics, mlflow_run
+from dilm_ray.tracking.mlflow_store import log_evaluation_runs, log_metrics
 
 EVALUATION_RUNS = "evaluation runs"  # the timer's count of evaluation jobs that actually ran
 
@@ -75,6 +78,7 @@ def evaluate_groups(
     timer: StageTimer | None = None,
     parallel: bool | None = None,
     log: Callable[[str], None] = print,
+    on_run: Callable[[list[dict]], None] | None = None,
 ) -> pd.DataFrame:
     """Train and score every (learner, set, seed) job; returns every row of ``runs_csv``.
 
@@ -88,6 +92,9 @@ def evaluate_groups(
     at once; ``timer`` counts them under ``"evaluation runs"``. With
     ``evaluate.full_data_samples`` every trainable learner also gets the full-data row
     (``full_data_group``, ``evaluate.full_data_seeds`` runs of ``evaluate.full_data_steps`` steps).
+    ``on_run(rows)`` is called with every row so far (kept and new) after each new row is saved;
+    ``parallel`` overrides ``evaluate.parallel`` (False: in this process, one run after another).
+    Raises ``UserError`` when ``groups`` is empty.
     """
     if not groups:
         raise UserError("no distilled sets to evaluate")
@@ -137,6 +144,8 @@ def evaluate_groups(
             log_evaluation_runs(run_id, [row])
             if timer is not None:
                 timer.add_runs(EVALUATION_RUNS, 1)
+        if on_run is not None:
+            on_run(list(rows))
 
     calls = []
     for job in todo:
@@ -225,45 +234,6 @@ def evaluate_and_report(
     return Report(runs, table, to_markdown(table, ctx.data.task.score_name), paths)
 
 
-CURVES = ("pretrain.lm_loss", "distill.grad_sim", "distill.match_loss", "distill.syn_lm_loss")
-
-
-def training_curves_png(run_id: str, path: Path) -> Path | None:
-    """Stage 1-2 metrics recorded in MLflow, drawn as one PNG."""
-    import mlflow
-
-    from dilm_ray.evaluation.plots import training_curves
-
-    client = mlflow.MlflowClient()
-    history = {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in CURVES}
-    history = {k: v for k, v in history.items() if v}
-    return training_curves(history, path, "DiLM training") if history else None
-
-
-def run_command(cfg: Config, resume: bool = False) -> str:
-    """``dilm-ray run``: every stage, then DiLM against the configured baselines; returns the table."""
-    layout = RunLayout(cfg.run_dir)
-    check_inputs(cfg)
-    data = load_data(cfg)
-    if not resume:
-        layout.timing.unlink(missing_ok=True)
-    timer = StageTimer(layout.timing)
-    methods = ("dilm", *cfg.evaluate.baselines)
-    with mlflow_run(cfg, "run", layout.mlflow_runs, resume) as run_id:
-        ctx = Context(cfg, data, methods, run_id, resume)
-        run_stages(ctx, timer)
-        report = evaluate_and_report(ctx, timer, layout.results)
-        (layout.results / "timing.md").write_text(timer.markdown() + "\n")
-        log_artifacts(run_id, [*report.paths, layout.results / "timing.md", layout.timing], "results")
-        if run_id is not None:
-            import mlflow
-
-            mlflow.log_metrics({f"seconds.{k}": v for k, v in timer.seconds.items()})
-            curves = training_curves_png(run_id, layout.results / "training_curves.png")
-            log_artifacts(run_id, [curves] if curves else [], "results")
-    return f"{report.markdown}\n\n{timer.markdown()}"
-
-
 def set_dpc(data: TextSet, num_labels: int) -> tuple[int, str]:
     """A set's DPC read from the set: its rows per class, and a note when classes are unequal
     (then the DPC is the mean rows per class, rounded)."""
@@ -300,26 +270,3 @@ def load_any(source: Path, task: TaskSpec, columns: Mapping[str, str] | None = N
     return groups
 
 
-def evaluate_command(
-    cfg: Config, learners: Sequence[str] = (), data_path: Path | None = None, resume: bool = False,
-    columns: Mapping[str, str] | None = None, references: Sequence[str] = (),
-) -> str:
-    """``dilm-ray evaluate``: every set under the run's ``distilled/`` (or ``data_path``: see
-    ``load_any``) x learners x seeds; returns the table. Its p-values compare every method with
-    each of ``references`` (default: ``dilm`` when evaluated, else the first group)."""
-    layout = RunLayout(cfg.run_dir)
-    data = load_data(cfg)
-    groups = load_any(data_path or layout.distilled, data.task, columns)
-    methods = sorted({m for m, _ in groups})
-    unknown = [r for r in references if r not in methods]
-    if unknown:
-        raise UserError(f"--reference {unknown[0]}: no such method among the evaluated sets ({', '.join(methods)})")
-    references = list(references) or (["dilm"] if "dilm" in methods else methods[:1])
-    timer = StageTimer(layout.timing)
-    with mlflow_run(cfg, "evaluate", layout.mlflow_runs, resume) as run_id:
-        with timer.span("evaluate", count=False):
-            runs = evaluate_groups(cfg, data, groups, layout.runs_csv, learners, None, resume, run_id, timer)
-        table = results_table(runs, references, fidelity_of(groups, data, cfg.seed, run_id))
-        log_artifacts(run_id, write_results(runs, table, layout.results, data.task.score_name), "results")
-    scores_to_cards(groups, runs, data.task, layout.distilled)
-    return to_markdown(table, data.task.score_name)

@@ -1,4 +1,4 @@
-"""Stage 3 and the coreset baselines: distilled sets of DPC samples per class."""
+"""The loop of stage 3 (DiLM Sec. 3.3): sample an over-sized pool per class, keep DPC by K-centers."""
 
 from __future__ import annotations
 
@@ -9,39 +9,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dilm_ray.algorithm.selection import LabelFilter, consistent_mask, herding, k_centers, label_consistent, random_subset
+from dilm_ray.algorithm.selection import LabelFilter, consistent_mask, label_consistent, select_per_class
 from dilm_ray.config import GeneratorConfig, SynthesizeConfig
 from dilm_ray.data.dataset import TextSet
 from dilm_ray.models.generator import Generator
 from dilm_ray.models.learner import Learner
 from dilm_ray.precision import autocast, prepare
-
-
-def select_per_class(embeddings: torch.Tensor, labels: np.ndarray, dpc: int, method: str, seed: int) -> np.ndarray:
-    """Indices (int64, shape [<= dpc x labels], label by label) of ``dpc`` rows per label chosen
-    by ``method`` on ``embeddings`` (float [n, d]): ``random`` (seeded), ``k_centers`` (the row
-    nearest each K-means centroid, DiLM's reference ``src/coreset/k_centers.py``) or ``herding``.
-    A label with fewer rows keeps all of them. Raises ``ValueError`` for an unknown method."""
-    chosen = []
-    for label in np.unique(labels):
-        idx = np.flatnonzero(labels == label)
-        k = min(dpc, len(idx))
-        if method == "random":
-            pick = random_subset(len(idx), k, seed + int(label))
-        elif method == "k_centers":
-            pick = k_centers(embeddings[idx], k, seed + int(label))
-        elif method == "herding":
-            pick = herding(embeddings[idx], k)
-        else:
-            raise ValueError(f"unknown selection method {method!r}")
-        chosen.append(idx[pick.numpy()])
-    return np.concatenate(chosen)
-
-
-def coreset(train: TextSet, embeddings: torch.Tensor, dpc: int, method: str, seed: int) -> tuple[TextSet, np.ndarray]:
-    """The coreset of ``train`` (rows of ``embeddings``) and the train row indices it holds."""
-    rows = select_per_class(embeddings, train.labels, dpc, method, seed)
-    return train.select(rows), rows
 
 
 @dataclass(frozen=True)
