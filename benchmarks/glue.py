@@ -34,6 +34,7 @@ import click
 from dilm_ray import interrupts
 from dilm_ray.config import Config, load_config
 from dilm_ray.errors import UserError
+from dilm_ray.families import LEARNER_KINDS
 from dilm_ray.layout import ROWS_FILE, RunLayout, discover_sets
 from dilm_ray.methods import GENERATED, METHODS
 
@@ -44,7 +45,7 @@ BUDGETS = {
     "cpu": ["synthesize.n_datasets=10", "evaluate.n_evals_per_dataset=3"],
     "paper": ["synthesize.n_datasets=20", "evaluate.n_evals_per_dataset=5"],
 }
-ALL_LEARNERS = ("minilm-l6", "smollm2-135m", "scratch-transformer", "tfidf-logreg")
+ALL_LEARNERS = tuple(LEARNER_KINDS)  # every built-in learner (families.FAMILIES)
 BASELINES = ("k_centers", "random")  # the table's Welch p-values are against these
 
 
@@ -159,7 +160,7 @@ def markdown(table_md: str, timer, commands: list[str]) -> str:
 @click.argument("config")
 @click.argument("overrides", nargs=-1)
 @click.option("--budget", type=click.Choice(sorted(BUDGETS)), default="cpu", show_default=True)
-@click.option("--method", "methods", multiple=True, type=click.Choice(list(METHODS)), default=("dilm", "lm_only", "random", "k_centers", "herding"), show_default=True)
+@click.option("--method", "methods", multiple=True, type=click.Choice(list(METHODS)), default=tuple(m for m, spec in METHODS.items() if spec.paper), show_default=True)
 @click.option("--dpc", "dpcs", multiple=True, type=int, help="evaluate these DPC only (default: synthesize.dpc)")
 @click.option("--learner", "learners", multiple=True, help="learner(s) to evaluate; 'all' for every platform learner")
 @click.option("--seeds", "seed_specs", multiple=True, metavar="LEARNER=N", help="seeds per set for one learner (default: evaluate.n_evals_per_dataset)")

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import socket
-import tempfile
 import time
 from pathlib import Path
 

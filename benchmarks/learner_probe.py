@@ -1,10 +1,14 @@
 """Can a learner's frozen features use a small set at all? Prints measured numbers.
 
 For each pooling rule, logistic regression is fitted on the learner's frozen pooled features of
-each given set and scored on real train rows outside the config's train subset (never the
-validation split), so a learner setting can be chosen here without looking at the numbers the
-benchmark reports. A learner that fine-tunes to chance on every method (as SmolLM2-135M does under
-the evaluation protocol) can still show here whether its features carry the label.
+each given set and scored on ``--held-out`` real train rows outside the config's train subset
+(the package's development split, ``data.dev_samples``; never the validation split), so a
+learner setting can be chosen here without looking at the numbers the benchmark reports. It
+tells a learner whose fine-tuning fails apart from one whose features do not carry the label:
+SmolLM2-135M's first protocol (full fine-tune) collapsed to one class while its frozen features
+carried some of the label, and its middle blocks more than its last (benchmarks/README.md,
+"Learner probe" and "Learner protocols"), which led to its linear probe on the first half of
+the body.
 
     python benchmarks/learner_probe.py configs/bench/sst2.yaml --learner smollm2-135m \\
         --set runs/sst2-bench/distilled/random/dpc10/set0/train.parquet \\
@@ -16,24 +20,27 @@ learner's ``evaluate.body_fraction``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
-import numpy as np
 
-from dilm_ray.config import load_config
-from dilm_ray.data import TextSet
+from dilm_ray.config import Config, load_config
+from dilm_ray.data import TaskData
 from dilm_ray.errors import UserError
 
 
-def held_out_rows(full: TextSet, used: TextSet, n: int, seed: int) -> TextSet:
-    """``n`` rows of ``full`` whose text is not in ``used`` (the rows distillation saw)."""
-    seen = set(used.texts)
-    order = np.random.default_rng(seed).permutation(len(full))
-    picked = [i for i in order if full.texts[i] not in seen][:n]
-    if len(picked) < n:
-        raise UserError(f"only {len(picked)} train rows lie outside data.max_train_samples; lower --held-out")
-    return full.select(np.array(picked))
+def load_probe_data(config: str | None, overrides: Sequence[str], held_out: int) -> tuple[Config, TaskData]:
+    """The config (``data.dev_samples = held_out``) and its data: ``validation`` holds the
+    ``held_out`` train-split rows outside the train subset that ``load_data`` carves for a
+    development split, the same rows a benchmark with that setting reports on.
+
+    Raises UserError as ``load_config`` and ``load_data`` do, e.g. when fewer train rows lie
+    outside ``data.max_train_samples``."""
+    from dilm_ray.data import load_data
+
+    cfg = load_config(config, [*overrides, f"data.dev_samples={held_out}"])
+    return cfg, load_data(cfg)
 
 
 @click.command()
@@ -42,21 +49,19 @@ def held_out_rows(full: TextSet, used: TextSet, n: int, seed: int) -> TextSet:
 @click.option("--learner", "learner_name", required=True, help="a platform learner (e.g. smollm2-135m, minilm-l6)")
 @click.option("--set", "set_paths", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False), help="a dataset file to fit on (repeatable)")
 @click.option("--pooling", "poolings", multiple=True, default=("last", "mean"), show_default=True, type=click.Choice(["last", "mean", "cls"]))
-@click.option("--held-out", type=int, default=872, show_default=True, help="real train rows to score on")
+@click.option("--held-out", type=click.IntRange(min=1), default=872, show_default=True, help="real train rows outside the train subset to score on (sets data.dev_samples)")
 @click.option("--body-fraction", "fractions", multiple=True, type=click.FloatRange(0.0, 1.0, min_open=True), help="probe the first f of the body's blocks (repeatable; default: the whole body)")
 def main(config: str, overrides: tuple[str, ...], learner_name: str, set_paths: tuple[str, ...], poolings: tuple[str, ...], held_out: int, fractions: tuple[float, ...]) -> None:
     from sklearn.linear_model import LogisticRegression
 
-    from dilm_ray.data import load_file, load_split
+    from dilm_ray.data import load_file
     from dilm_ray.evaluation.learners import build
-    from dilm_ray.data import load_data
     from dilm_ray.seeding import setup_torch
 
     try:
-        cfg = load_config(config, list(overrides))
+        cfg, data = load_probe_data(config, overrides, held_out)
         setup_torch(cfg)
-        data = load_data(cfg, need_validation=False)
-        held = held_out_rows(load_split(cfg.data, data.task, cfg.data.train_split), data.train, held_out, cfg.seed)
+        held = data.validation  # with data.dev_samples: held-out train rows, not the validation split
         sets = {path: load_file(Path(path), data.task) for path in set_paths}
         click.echo(f"| body fraction | pooling | set | rows | held-out accuracy % ({held_out} real train rows) |\n|---|---|---|---|---|")
         for fraction in fractions or (None,):

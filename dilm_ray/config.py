@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from dilm_ray import precision as _precision
 from dilm_ray.errors import UserError
+from dilm_ray.families import LEARNER_KINDS
 from dilm_ray.methods import BASELINES
 
 
@@ -194,7 +195,7 @@ class EvaluateConfig(_Section):
         ["random", "k_centers", "herding", "lm_only"],
         description="methods run beside DiLM (methods.METHODS); dilm_filtered: DiLM's sets after the label-consistency filter (beyond the paper)",
     )
-    learners: list[str] = Field([], description="learner architectures to evaluate (minilm-l6, smollm2-135m, scratch-transformer, tfidf-logreg, hub ids); empty: learner.model")
+    learners: list[str] = Field([], description=f"learner architectures to evaluate ({', '.join(LEARNER_KINDS)}, hub ids); empty: learner.model")
     parallel: bool = Field(True, description="fan runs out as Ray tasks (ray.cpus_per_eval_task each)")
     icl_shots_per_class: int | None = Field(None, ge=1, description="icl:<LM> learners: demonstrations per label drawn from a set; None: all its rows")
     icl_batch_size: int = Field(16, ge=1, description="icl:<LM> learners: validation rows scored per forward pass")

@@ -11,8 +11,6 @@ import dilm_ray.evaluation.learners as learners
 from dilm_ray.config import DataConfig, load_config
 from dilm_ray.data import BUILTIN_TASKS, TextSet, load_split, resolve_task
 from dilm_ray.evaluation.learners import (
-    LEARNER_KINDS,
-    PAIR_SEPARATOR,
     SCRATCH,
     TFIDF,
     ScratchLearner,
@@ -21,6 +19,7 @@ from dilm_ray.evaluation.learners import (
     joined_texts,
     tfidf_predict,
 )
+from dilm_ray.families import LEARNER_KINDS
 
 SST2 = BUILTIN_TASKS["sst2"]
 MNLI = BUILTIN_TASKS["mnli"]
@@ -48,11 +47,21 @@ def test_describe_families(tiny_bert_dir, tiny_lm_dir):
     assert describe(str(tiny_lm_dir)) == "decoder"  # a llama config: last-token pooling
     assert describe("some-org/some-model") == "hub/local"
     assert {name: describe(name) for name in LEARNER_KINDS} == LEARNER_KINDS
+    assert describe("icl:smollm2-135m") == "icl"
+
+
+def test_every_family_protocol_is_an_evaluate_section():
+    from dilm_ray.config import EvaluateConfig
+    from dilm_ray.families import FAMILIES, PROTOCOL_SECTIONS
+
+    assert PROTOCOL_SECTIONS == ("encoder", "decoder", "scratch")
+    assert all(section in EvaluateConfig.model_fields for section in PROTOCOL_SECTIONS)
+    assert {f.section for f in FAMILIES.values()} == {*PROTOCOL_SECTIONS, None}
 
 
 def test_pair_texts_are_joined_with_sep():
     data = TextSet(("premise", "hypothesis"), (("a cat", "an animal"),), np.array([0]))
-    assert joined_texts(data) == ["a cat" + PAIR_SEPARATOR + "an animal"]
+    assert joined_texts(data) == ["a cat [SEP] an animal"]
     assert joined_texts(TextSet(("sentence",), (("just one",),), np.array([1]))) == ["just one"]
 
 

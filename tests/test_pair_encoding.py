@@ -7,7 +7,8 @@ import torch
 
 from dilm_ray.config import LearnerConfig
 from dilm_ray.data import TextSet
-from dilm_ray.models.learner import DECODER_PAIR_TEMPLATE, build_learner
+from dilm_ray.families import FAMILIES
+from dilm_ray.models.learner import build_learner
 from tests.conftest import FILLER, NEG, POS, SPECIALS
 
 PAIRS = TextSet(("premise", "hypothesis"), (("the movie was good", "a film is great"), ("bad plot", "the story was dull")), np.array([0, 2]))
@@ -53,7 +54,7 @@ def test_an_encoder_gets_the_segment_ids_of_a_pair_and_they_change_its_features(
 def test_a_decoder_reads_a_pair_as_two_lines(tiny_lm_dir):
     learner = build_learner(LearnerConfig(model=str(tiny_lm_dir), max_length=32), 3, seed=0)
     assert learner.pair_encoding == "template" and "token_type_ids" not in learner.batch(PAIRS)
-    assert learner.text_inputs(PAIRS) == [[DECODER_PAIR_TEMPLATE.format(a, b) for a, b in PAIRS.texts]]
+    assert learner.text_inputs(PAIRS) == [[FAMILIES["decoder"].pair.join(texts) for texts in PAIRS.texts]]
     assert learner.text_inputs(PAIRS)[0][0] == "the movie was good\na film is great"
 
 

@@ -12,7 +12,7 @@ from dilm_ray.cli import main
 def _outcome(trial_id, status, score=None, lr=1e-5, sets=3, minutes=2.0, reason=""):
     from dilm_ray.commands.tune import TrialOutcome
 
-    metrics = {} if score is None else {"accuracy": score, "sets_evaluated": sets}
+    metrics = {} if score is None else {"accuracy": score, "runs": sets}
     return TrialOutcome(trial_id, status, {"distill.lr": lr}, metrics, minutes, reason)
 
 
@@ -25,11 +25,11 @@ def test_ranking_lists_every_trial_scored_first_failed_last():
         _outcome("b", "STOPPED", 0.7, lr=3e-6, sets=1, minutes=5.0),
     ]
     table = ranked_table(outcomes, ["distill.lr"], "accuracy", "max")
-    assert list(table.columns) == ["trial_id", "status", "accuracy", "sets_evaluated", "minutes", "distill.lr", "reason"]
+    assert list(table.columns) == ["trial_id", "status", "accuracy", "runs", "minutes", "distill.lr", "reason"]
     assert list(table.trial_id) == ["b", "a", "x"] and list(table.minutes) == [5.0, 2.0, 2.0]
     assert list(ranked_table(outcomes, ["distill.lr"], "accuracy", "min").trial_id) == ["a", "b", "x"]
     md = to_markdown(table).splitlines()
-    assert md[0] == "| rank | trial | status | accuracy | sets_evaluated | minutes | distill.lr | reason |"
+    assert md[0] == "| rank | trial | status | accuracy | runs | minutes | distill.lr | reason |"
     assert md[2] == "| 1 | b | STOPPED | 0.7 | 1 | 5 | 3e-06 |  |"  # learning rates stay readable
     assert md[4] == "| - | x | ERROR |  | 0 | 2 | 1e-05 | GenerationError: stage distill: only 0/20 well-formed samples |"
     # no failure: no reason column
@@ -66,7 +66,7 @@ def test_sweep_of_four_trials_with_asha_lands_in_mlflow(tiny_overrides, tmp_path
     assert "generator.max_length" not in result.output
     ranking = [line for line in result.output.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(ranking) == 4
-    assert "| rank | trial | status | accuracy | sets_evaluated | minutes | distill.inner_loop | distill.gm_syn_dpc |" in result.output
+    assert "| rank | trial | status | accuracy | runs | minutes | distill.inner_loop | distill.gm_syn_dpc |" in result.output
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["dilm-sst2"])
     parent = runs[runs["tags.mlflow.runName"] == "sweep-tune"]
@@ -84,31 +84,56 @@ def test_sweep_of_four_trials_with_asha_lands_in_mlflow(tiny_overrides, tmp_path
     assert all((trial / "cache").is_symlink() for trial in (sweep / "tune" / "trials").iterdir())
     assert list((tmp_path / "runs" / "sweep" / "tune" / "best-distilled").glob("dpc2/set*/train.parquet"))
 
+    # one evaluation path: `dilm-ray evaluate` with a trial's config re-runs the trial's runs, score for score
+    trial = sorted((sweep / "tune" / "trials").iterdir())[0]
+    ran = pd.read_csv(trial / "results" / "runs.csv")
+    assert len(ran) >= 1 and set(ran.method) == {"dilm"}
+    again = CliRunner().invoke(main, ["evaluate", str(trial / "config.yaml")])
+    assert again.exit_code == 0, again.output + repr(again.exception)
+    rerun = pd.read_csv(trial / "results" / "runs.csv")
+    job = ["learner", "method", "dpc", "set_index", "seed", "set_digest", "eval_key"]
+    merged = ran.merge(rerun, on=job, suffixes=("_trial", "_evaluate"))
+    assert len(merged) == len(ran)
+    assert (merged.score_trial == merged.score_evaluate).all() and (merged.accuracy_trial == merged.accuracy_evaluate).all()
+
 
 @pytest.mark.integration
-def test_failed_trials_are_ranked_last_and_a_sweep_that_only_fails_exits_1(tiny_overrides, tmp_path, monkeypatch):
+def test_failed_trials_are_ranked_last_and_a_sweep_that_only_fails_exits_1(tiny_overrides, tiny_bert_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    # distill.steps=2 is no multiple of inner_loop 3: that trial cannot build its config and fails
+    # learner.model=no-such-learner passes the config but not the trial: its stage 2 cannot build the learner
     base = ["tune", "configs/sst2-cpu.yaml", *tiny_overrides, "name=fails", "distill.steps=2", "synthesize.n_datasets=1",
             "evaluate.parallel=false", "ray.cpus_per_worker=0.9"]
-    result = CliRunner().invoke(main, [*base, "tune.space={distill.inner_loop: {type: grid, values: [1, 3]}}"])
+    result = CliRunner().invoke(main, [*base, f"tune.space={{learner.model: {{type: grid, values: [{tiny_bert_dir}, no-such-learner]}}}}"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     ranking = pd.read_csv(tmp_path / "runs" / "fails" / "tune" / "ranking.csv")
-    assert list(ranking.status) == ["FINISHED", "ERROR"] and list(ranking["distill.inner_loop"]) == [1, 3]
-    assert "must be a multiple of distill.inner_loop=3" in ranking.reason.iloc[1]
+    assert list(ranking.status) == ["FINISHED", "ERROR"] and list(ranking["learner.model"]) == [str(tiny_bert_dir), "no-such-learner"]
+    assert "learner.model" in ranking.reason.iloc[1] and "no-such-learner" in ranking.reason.iloc[1]
     assert "1 of 2 trials failed" in result.output
     assert any(line.startswith("| - | ") and "| ERROR |" in line for line in result.output.splitlines())
     assert (tmp_path / "runs" / "fails" / "tune" / "best.yaml").is_file()
 
     # the same name: stage 1 is reused, and the earlier sweep's best.yaml must not pass for this one's
-    result = CliRunner().invoke(main, [*base, "tune.space={distill.inner_loop: {type: grid, values: [3]}}"])
+    result = CliRunner().invoke(main, [*base, "tune.space={learner.model: {type: grid, values: [no-such-learner]}}"])
     assert result.exit_code == 1 and not isinstance(result.exception, (AssertionError, KeyError)), result.output
     lines = [line for line in result.output.splitlines() if line.startswith("  trial ")]
-    assert len(lines) == 1 and "must be a multiple of distill.inner_loop=3" in lines[0]
+    assert len(lines) == 1 and "no-such-learner" in lines[0]
     assert "Traceback" not in result.output
     assert len(pd.read_csv(tmp_path / "runs" / "fails" / "tune" / "ranking.csv")) == 1
     assert not (tmp_path / "runs" / "fails" / "tune" / "best.yaml").exists()
     assert not (tmp_path / "runs" / "fails" / "tune" / "best-distilled").exists()
+
+
+@pytest.mark.parametrize("space, message", [
+    ("{distill.inner_loop: {type: grid, values: [1, 3]}}", "distill.steps=2 must be a multiple of distill.inner_loop=3 (tune.space distill.inner_loop=3)"),
+    ("{distill.lr: {type: choice, values: [1e-3]}, pretrain.lr: {type: loguniform, low: 1e-5, high: 1e-3}}", "tune.space.pretrain.lr changes stage 1 (pretrain)"),
+    ("{distill.lr: {type: grid, values: [1e-3]}}", "tune.metric 'f1' is not reported by trials of this task (use accuracy or score)"),
+])
+def test_a_space_that_cannot_work_is_refused_in_one_line_before_anything_runs(tiny_overrides, tmp_path, space, message):
+    extra = ["tune.metric=f1"] if "f1" in message else []
+    result = CliRunner().invoke(main, ["tune", "configs/sst2-cpu.yaml", *tiny_overrides, "distill.steps=2", f"tune.space={space}", *extra])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "runs" / "t").exists()  # nothing written, no stage 1
 
 
 def test_trials_keep_their_checkpoints_under_the_sweeps_storage_path(tmp_path):

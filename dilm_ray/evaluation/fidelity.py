@@ -30,8 +30,9 @@ Predict = Callable[[TextSet], np.ndarray]
 def reference_classifier(train: TextSet, seed: int = 0) -> Predict:
     """TF-IDF (word 1-2 grams, sublinear tf) + logistic regression fitted on ``train``.
 
-    Returns ``predict(TextSet) -> int64 [n]`` labels; pair rows are read as their texts joined
-    by a space. Raises ValueError (scikit-learn) when ``train`` has one label only.
+    Returns ``predict(TextSet) -> int64 [n]`` labels; pair rows are read as the TF-IDF learner
+    reads them (``joined_texts``: ``a [SEP] b``, the vectorizer sees the word "sep" between the
+    texts). Raises ValueError (scikit-learn) when ``train`` has one label only.
     """
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression

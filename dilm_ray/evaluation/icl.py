@@ -24,9 +24,10 @@ import torch.nn.functional as F
 
 from dilm_ray.data.dataset import TextSet
 from dilm_ray.data.tasks import TaskSpec
+from dilm_ray.families import FAMILIES
 from dilm_ray.precision import prepare
 
-PREFIX = "icl:"
+PREFIX = FAMILIES["icl"].prefix  # "icl:"
 
 
 def is_icl(name: str) -> bool:
@@ -43,7 +44,9 @@ def instruction(task: TaskSpec) -> str:
 
 
 def render(task: TaskSpec, texts: tuple[str, ...], label: int | None) -> str:
-    """One example: ``Sentence: ...\\nLabel: positive\\n\\n``; without a label it ends at ``Label:``."""
+    """One example: ``Sentence: ...\\nLabel: positive\\n\\n``; without a label it ends at ``Label:``.
+
+    A pair is one ``Column: text`` line per text: the icl family's ``prompt`` pair encoding."""
     fields = "".join(f"{column.capitalize()}: {text}\n" for column, text in zip(task.text_columns, texts))
     return fields + "Label:" + ("" if label is None else f" {verbalizers(task)[label]}\n\n")
 

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from dilm_ray.config import Config
 from dilm_ray.data import TaskSpec, TextSet
 from dilm_ray.evaluation.learners import describe, evaluate_learner, family_config
+from dilm_ray.families import PROTOCOL_SECTIONS
 from dilm_ray.keys import content_key
 
 Group = tuple[str, int]  # (method, dpc)
@@ -51,7 +52,7 @@ def plan_jobs(groups: Mapping[Group, Sequence], runs_per_group: int, seed: int, 
 
 ZERO_SHOT: Group = ("zero_shot", 0)  # icl: learners' reference: the prompt without demonstrations
 FULL_DATA = "full_data"  # method of the full-data row: many real train rows, a ceiling for the sets
-FAMILY_SECTIONS = ("encoder", "decoder", "scratch")  # evaluate.<family>: resolved into the fields they set by family_config
+FAMILY_SECTIONS = PROTOCOL_SECTIONS  # ("encoder", "decoder", "scratch"), evaluate.<family>: resolved into the fields they set by family_config
 
 # The fields a score depends on, by name: a field added to a section enters no key until it is
 # listed here (``tests/test_pipeline_keys.py`` pins every shipped config's keys). Not the fields

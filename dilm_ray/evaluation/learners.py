@@ -14,9 +14,7 @@ same scores. A ``cache`` dict lets one process build each model once and reset i
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,52 +25,29 @@ from dilm_ray.data.dataset import TextSet
 from dilm_ray.data.tasks import TaskSpec
 from dilm_ray.evaluation.icl import build_icl, demonstrations, icl_predict, is_icl
 from dilm_ray.evaluation.train_eval import predict, scores, train_learner
-from dilm_ray.models.learner import DECODER_TYPES, Classifier, Learner, build_learner
+from dilm_ray.families import FAMILIES, SCRATCH, TFIDF, family_of
+from dilm_ray.models.learner import Classifier, Learner, build_learner
 from dilm_ray.models.registry import load_with_hint
 from dilm_ray.precision import autocast, prepare
 
-SCRATCH = "scratch-transformer"
-TFIDF = "tfidf-logreg"
 SCRATCH_TOKENIZER = "minilm-l6"
 # Architecture of the from-scratch learner: small enough to train in seconds on CPU.
 SCRATCH_SHAPE = dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=256, max_position_embeddings=512)
-PAIR_SEPARATOR = " [SEP] "
-
-LEARNER_KINDS: dict[str, str] = {"minilm-l6": "encoder", "smollm2-135m": "decoder", SCRATCH: SCRATCH, TFIDF: TFIDF}
 
 
 def describe(name: str) -> str:
-    """The architecture family of a learner name, for table labels (no model is loaded).
-
-    Built-in names map through ``LEARNER_KINDS``; a local folder is classified from its
-    config.json (decoder model types pool the last token); anything else is "hub/local".
-
-    One of "encoder", "decoder", ``SCRATCH``, ``TFIDF``, "hub/local"; never raises (an
-    unreadable config.json gives "hub/local").
-    """
-    if name in LEARNER_KINDS:
-        return LEARNER_KINDS[name]
-    if is_icl(name):
-        return "icl"
-    config = Path(name).expanduser() / "config.json"
-    if config.is_file():
-        try:
-            meta = json.loads(config.read_text())
-        except (OSError, ValueError):
-            return "hub/local"
-        return "decoder" if meta.get("is_decoder") or meta.get("model_type") in DECODER_TYPES else "encoder"
-    return "hub/local"
-
-
-FAMILY_PROTOCOLS = {"encoder": "encoder", "hub/local": "encoder", "decoder": "decoder", SCRATCH: "scratch"}  # describe() -> evaluate.<section>
+    """The family of a learner name, for table labels and the rows' ``family`` column (no model
+    is loaded): ``families.family_of``'s name, one of ``families.FAMILIES`` ("encoder",
+    "decoder", ``SCRATCH``, ``TFIDF``, "hub/local", "icl"). Never raises."""
+    return family_of(name).name
 
 
 def family_config(cfg: Config, name: str) -> Config:
     """The config learner ``name`` is evaluated with: its family's protocol (``evaluate.encoder``,
-    ``evaluate.decoder`` or ``evaluate.scratch``, by ``describe``) in place of ``evaluate.lr``,
+    ``evaluate.decoder`` or ``evaluate.scratch``: its ``families.Family.section``) in place of ``evaluate.lr``,
     ``steps``, ``warmup_ratio``, ``train_top_layers``, ``body_fraction`` and ``learner.pooling``; ``cfg`` itself when
     the family sets none of them (TF-IDF and ``icl:`` learners have no such protocol)."""
-    section = FAMILY_PROTOCOLS.get(describe(name))
+    section = family_of(name).section
     overrides = getattr(cfg.evaluate, section).overrides() if section else {}
     if not overrides:
         return cfg
@@ -143,8 +118,9 @@ def build_scratch(cfg: LearnerConfig, num_labels: int, seed: int) -> ScratchLear
 
 
 def joined_texts(data: TextSet) -> list[str]:
-    """One string per row; the two fields of a pair task joined by ``PAIR_SEPARATOR``."""
-    return [PAIR_SEPARATOR.join(t) for t in data.texts]
+    """One string per row: a pair's two texts joined as the TF-IDF family encodes pairs
+    (``a [SEP] b``), a single text unchanged."""
+    return [FAMILIES[TFIDF].pair.join(t) for t in data.texts]
 
 
 def tfidf_predict(train: TextSet, validation: TextSet, seed: int) -> np.ndarray:

@@ -19,6 +19,7 @@ from torch import nn
 
 from dilm_ray.config import LearnerConfig
 from dilm_ray.data.dataset import TextSet
+from dilm_ray.families import FAMILIES, PairEncoding, is_decoder
 from dilm_ray.models.blocks import transformer_blocks
 from dilm_ray.models.registry import load_with_hint
 
@@ -131,12 +132,21 @@ class Learner:
         return {k: enc[k].to(self.device) for k in keys}
 
     @functools.cached_property
+    def pairs(self) -> PairEncoding:
+        """The pair encoding of the family this body reads pairs as (``families.FAMILIES``): the
+        decoder family's for a decoder model type or a body pooled at its last token, else the
+        encoder family's (the scratch transformer's is the same). Fixed at first use."""
+        decoder = self.model.pooling == "last" or is_decoder(getattr(self.model.body.config, "model_type", ""))
+        return FAMILIES["decoder" if decoder else "encoder"].pair
+
+    @functools.cached_property
     def pair_encoding(self) -> str:
-        """How the two texts of a pair reach the body: ``segments`` (the tokenizer's pair template
-        with segment ids, for bodies that take ``token_type_ids``: BERT, MiniLM), ``template``
-        (decoders: the texts joined by ``DECODER_PAIR_TEMPLATE``, since their tokenizers glue a
-        pair with no separator), or ``tokenizer`` (the tokenizer's pair template alone)."""
-        if self.model.pooling == "last" or getattr(self.model.body.config, "model_type", "") in DECODER_TYPES:
+        """How the two texts of a pair reach the body (part of ``signature``): ``template`` (the
+        texts joined into one string by ``pairs``: decoders, since their tokenizers glue a pair
+        with no separator), ``segments`` (the tokenizer's pair template with segment ids, for
+        bodies that take ``token_type_ids``: BERT, MiniLM) or ``tokenizer`` (the tokenizer's pair
+        template alone)."""
+        if self.pairs.kind == "template":
             return "template"
         takes_segments = "token_type_ids" in inspect.signature(self.model.body.forward).parameters
         return "segments" if takes_segments and "token_type_ids" in self.tokenizer.model_input_names else "tokenizer"
@@ -146,7 +156,7 @@ class Learner:
         (one list of joined texts for decoders)."""
         columns = [list(c) for c in zip(*data.texts)]
         if len(columns) == 2 and self.pair_encoding == "template":
-            return [[DECODER_PAIR_TEMPLATE.format(a, b) for a, b in zip(*columns)]]
+            return [[self.pairs.join(texts) for texts in data.texts]]
         return columns
 
     @torch.no_grad()
@@ -171,16 +181,12 @@ class Learner:
         return out
 
 
-PAIR_ENCODING_VERSION = "pairs-v2"  # v2: segment ids for encoders, an explicit separator for decoders
-DECODER_PAIR_TEMPLATE = "{}\n{}"  # a decoder reads a pair as two lines
+PAIR_ENCODING_VERSION = "pairs-v2"  # v2: segment ids for encoders, an explicit separator for decoders (families.FAMILIES)
 
 
 def default_pooling(config) -> str:
-    """``last`` for decoder models (``is_decoder`` or a type in ``DECODER_TYPES``), else ``mean``."""
-    return "last" if getattr(config, "is_decoder", False) or config.model_type in DECODER_TYPES else "mean"
-
-
-DECODER_TYPES = {"llama", "gpt2", "mistral", "qwen2", "gpt_neox", "opt", "phi", "gemma", "smollm3"}
+    """``last`` for decoder models (``families.is_decoder``), else ``mean``."""
+    return "last" if is_decoder(config.model_type, getattr(config, "is_decoder", False)) else "mean"
 
 
 def keep_first_blocks(body: nn.Module, fraction: float) -> int:
