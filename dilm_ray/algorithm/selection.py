@@ -17,6 +17,14 @@ import torch
 def kmeans(x: torch.Tensor, k: int, seed: int, iters: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's K-means with k-means++ seeding. Returns (centers [k, d], assignment [n]).
 
+    Our own rather than scikit-learn's ``KMeans`` for now, although the measurement favours the
+    library (``benchmarks/kmeans.py``, benchmarks/README.md "K-means"): on one thread it is
+    1.2-2.2x faster at every shape used here, lands at a 0.4-2.2% lower inertia in 46 of 50
+    runs, and converges where this one stops at its 50 steps on a label's 10,000 train rows.
+    Switching moves every K-centers coreset (57% of rows shared on SST-2, DPC 10) and every DiLM
+    set and stage-2 run, hence every published number; it is to be made with the re-made records
+    of the main-job work, not silently under today's.
+
     ``x``: float [n, d] on CPU, computed in float32. Centers are float32 [k, d] (an empty
     cluster keeps its previous center); the assignment is int64 [n] in [0, k). Stops at
     convergence or after ``iters`` Lloyd steps; deterministic given ``seed``.
