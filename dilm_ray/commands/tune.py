@@ -124,6 +124,11 @@ def check_space(cfg: Config, metric_names: tuple[str, ...]) -> None:
             raise UserError(f"tune.space.{(changed or list(params))[0]} changes stage 1 (pretrain), which every trial shares: search it in separate sweeps")
 
 
+def task_metrics(task_metric: str) -> tuple[str, ...]:
+    """The ``METRICS`` trials of a task report: ``f1`` only for accuracy_f1 tasks (QQP)."""
+    return tuple(m for m in METRICS if m != "f1" or task_metric == "accuracy_f1")
+
+
 def trial_metrics(rows: list[dict], metric_names: tuple[str, ...]) -> dict[str, float]:
     """A trial's score under each of ``metric_names``: the mean over its DPCs of each DPC's mean
     over its evaluation runs (each DPC counts the same, whatever its runs)."""
@@ -166,15 +171,14 @@ def run_trial(params: dict[str, Any], base_dict: dict[str, Any]) -> None:
     timer = StageTimer(layout.timing)
     run_stages(ctx, timer)
     groups = load_groups(sets_of(ctx), data.task)
-    names = tuple(m for m in METRICS if m != "f1" or data.task.metric == "accuracy_f1")
+    names = task_metrics(data.task.metric)
     reported = [0]
 
     def report(rows: list[dict]) -> None:
-        if len(rows) % len(groups) == 0 or len(rows) == len(plan_rows):  # a round of runs complete, or the last run
+        if len(rows) % len(groups) == 0:  # a round of runs complete (one run per DPC); the last run completes one too
             tune.report({**trial_metrics(rows, names), "runs": len(rows), "rounds": len(rows) // len(groups), "run_dir": str(cfg.run_dir)})
             reported[0] = len(rows)
 
-    plan_rows = range(len(groups) * cfg.synthesize.n_datasets * cfg.evaluate.n_evals_per_dataset)
     runs = evaluate_groups(cfg, data, groups, layout.runs_csv, [cfg.learner.model], resume=True, timer=timer, parallel=False, on_run=report)
     if reported[0] != len(runs):  # every run was kept from before a retry: report them once
         report(runs.to_dict("records"))
@@ -194,7 +198,7 @@ def run_sweep(cfg: Config, resume: bool = False) -> str:
     from dilm_ray.tracking.mlflow_store import log_artifacts, mlflow_run
 
     data = check_inputs(cfg)
-    check_space(cfg, tuple(m for m in METRICS if m != "f1" or data.task.metric == "accuracy_f1"))
+    check_space(cfg, task_metrics(data.task.metric))
     ensure_ray(cfg)
     layout = RunLayout(cfg.run_dir)
     out = layout.tune
