@@ -6,6 +6,13 @@ and real rows:
 - ``stage-1 step``: one ``pretrain`` step (generator.train_top_layers trained, label tokens too),
   a batch of pretrain.batch_size rows long enough to fill generator.max_length tokens (16 x 40
   in the bench profile);
+- ``stage-1 step, random rows``: the same step on *random* train rows, pretrain.batch_size a
+  step (16: SST-2's are ~45% padding), batched three ways: ``padded`` (right-padded to the
+  batch's longest row: the code before packing), ``packed`` (``generator.packing``: the rows'
+  samples packed into rows of max_length, what ``pretrain`` runs), and ``bucketed`` (the
+  alternative to packing: batches of rows of similar length, cut from a length-sorted pool of 16
+  batches, padded). Reports real (non-pad) tokens/s and the padding fraction of the batches;
+  padded and packed time the same batches;
 - ``stage-2 step``: one matching step (``matching_step``: learner head gradients of the real and
   synthetic batches, generator LM losses, backward into the generator) and the learner's inner
   loop of distill.learner_steps;
@@ -36,7 +43,8 @@ import torch
 from dilm_ray.config import Config, load_config
 from dilm_ray.data import TextSet
 
-PATHS = ("stage1", "stage2", "sampling", "evaluation")
+PATHS = ("stage1", "stage1-random", "stage2", "sampling", "evaluation")
+BATCHINGS = ("padded", "packed", "bucketed")
 
 
 def matmul_peak(n: int, dtype: torch.dtype, seconds: float = 3.0) -> float:
@@ -95,6 +103,55 @@ def stage1(cfg: Config, data, precision: str, repeats: int) -> dict:
     steps_cfg = cfg.pretrain.model_copy(update={"steps": repeats + 1, "log_every": repeats + 1})
     pretrain(gen, train, steps_cfg, cfg.generator, cfg.seed, runtime, on_step=lambda st, m: stamps.append(time.perf_counter()))
     return {"seconds": float(np.median(np.diff(stamps))), "flops": float(counter.get_total_flops()), "tokens": tokens}
+
+
+def stage1_random(cfg: Config, data, precision: str, repeats: int) -> list[dict]:
+    """One stage-1 step (``lm_losses`` forward and backward, clipping, AdamW) on random rows,
+    padded, packed and bucketed (see the module docstring). Each variant: the median over
+    ``repeats`` steps after one warm-up step, real tokens/s over those steps, the padding
+    fraction of the positions the body ran on."""
+    from dilm_ray.models.generator import build_generator, set_trainable
+    from dilm_ray.precision import autocast, prepare
+
+    gen = build_generator(cfg.generator, data.task)
+    params = [p for p in set_trainable(gen, cfg.generator, label_tokens=True, seed=cfg.seed) if p.requires_grad]
+    prepare(gen.model, precision)
+    optimizer = torch.optim.AdamW(params, lr=cfg.pretrain.lr)
+    gen.model.train()
+    size, steps = cfg.pretrain.batch_size, repeats + 1
+    rng = np.random.default_rng(cfg.seed)
+    random_batches = [data.train.select(rng.choice(len(data.train), size, replace=False)) for _ in range(steps)]
+    pool = data.train.select(rng.choice(len(data.train), size * 16, replace=False))
+    order = np.argsort([len(gen.encode(t, int(y))) for t, y in zip(pool.texts, pool.labels)], kind="stable")
+    buckets = [pool.select(order[i * size : (i + 1) * size]) for i in range(16)]
+    bucket_batches = [buckets[i] for i in rng.choice(16, steps, replace=False)]
+
+    def step(batch: TextSet) -> None:
+        with autocast(precision, gen.device):
+            loss = gen.lm_losses(batch).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.pretrain.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    out = []
+    for batching in BATCHINGS:
+        gen.packing = batching == "packed"
+        batches = bucket_batches if batching == "bucketed" else random_batches
+        seconds, real, positions = [], 0, 0
+        for i, batch in enumerate(batches):
+            shape = (gen.packed_batch if gen.packing else gen.batch)(batch)["input_ids"].shape
+            start = time.perf_counter()
+            step(batch)
+            if i:  # the first step is the warm-up
+                seconds.append(time.perf_counter() - start)
+                real += sum(len(gen.encode(t, int(y))) for t, y in zip(batch.texts, batch.labels))
+                positions += shape[0] * shape[1]
+        out.append({
+            "path": f"stage-1 step, random rows, {batching}", "seconds": float(np.median(seconds)), "flops": float("nan"),
+            "tokens": real / len(seconds), "real_tokens_per_s": real / sum(seconds), "padding": 1 - real / positions,
+        })
+    return out
 
 
 def stage2(cfg: Config, data, precision: str, repeats: int) -> dict:
@@ -221,6 +278,8 @@ def main(config, overrides, paths, precisions, repeats, sample_rows, probe, no_r
             torch.manual_seed(cfg.seed)
             if path == "stage1":
                 found = [{"path": "stage-1 step", **stage1(cfg, data, precision, repeats)}]
+            elif path == "stage1-random":
+                found = stage1_random(cfg, data, precision, repeats)
             elif path == "stage2":
                 found = [{"path": "stage-2 step + inner loop", **stage2(cfg, data, precision, repeats)}]
             elif path == "sampling":
@@ -237,7 +296,19 @@ def main(config, overrides, paths, precisions, repeats, sample_rows, probe, no_r
         rate = r["flops"] / r["seconds"]
         tokens = f"{r['tokens'] / r['seconds']:.0f}" if r["tokens"] else "-"
         speedup = f"{fp32[r['path']] / r['seconds']:.2f}x" if r["path"] in fp32 else "-"
-        click.echo(f"| {r['path']} | {r['precision']} | {r['seconds']:.3f} | {tokens} | {rate / 1e9:.0f} | {100 * rate / peaks[r['precision']]:.0f} | {speedup} |")
+        if np.isnan(rate):
+            click.echo(f"| {r['path']} | {r['precision']} | {r['seconds']:.3f} | {tokens} | - | - | {speedup} |")
+        else:
+            click.echo(f"| {r['path']} | {r['precision']} | {r['seconds']:.3f} | {tokens} | {rate / 1e9:.0f} | {100 * rate / peaks[r['precision']]:.0f} | {speedup} |")
+    random_rows = [r for r in rows if "real_tokens_per_s" in r]
+    if random_rows:
+        click.echo("\n| stage-1 step, random rows | precision | seconds/step | real tokens/s | padding | real tokens/s vs padded |\n|---|---|---|---|---|---|")
+        padded = {r["precision"]: r["real_tokens_per_s"] for r in random_rows if r["path"].endswith("padded")}
+        for r in random_rows:
+            click.echo(
+                f"| {r['path'].rsplit(', ', 1)[1]} | {r['precision']} | {r['seconds']:.3f} | {r['real_tokens_per_s']:.0f} | "
+                f"{100 * r['padding']:.0f}% | {r['real_tokens_per_s'] / padded[r['precision']]:.2f}x |"
+            )
 
 
 if __name__ == "__main__":

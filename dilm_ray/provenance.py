@@ -1,4 +1,4 @@
-"""Where results came from: the git commit of the code that made them."""
+"""Where results came from: the git commit of the code that made them, and the machine."""
 
 from __future__ import annotations
 
@@ -20,3 +20,28 @@ def commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return f"dilm-ray {__version__}"
     return head + ("+changes" if dirty else "")
+
+
+def machine() -> dict[str, object]:
+    """The machine results were made on, as far as it moves them: the CPU model, its native
+    bf16 instructions (``avx512_bf16``, ``amx_bf16``: bf16 kernels, and so bf16 results, differ
+    between CPUs with and without them), the logical CPU count, and the torch and transformers
+    versions. ``cpu`` is ``platform.processor()`` where /proc/cpuinfo is missing."""
+    import os
+    import platform
+
+    import torch
+    import transformers
+
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():  # the first processor's fields
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    cpu, flags = fields.get("model name") or platform.processor() or "unknown", set(fields.get("flags", "").split())
+    return {
+        "cpu": cpu, "bf16_instructions": sorted(flags & {"avx512_bf16", "amx_bf16"}), "logical_cpus": os.cpu_count(),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+    }

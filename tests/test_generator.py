@@ -208,3 +208,65 @@ def test_a_generator_that_cannot_write_the_format_ends_in_one_user_error(tiny_lm
     with pytest.raises(GenerationError, match=r"only 0/4 well-formed samples of label 0 \(entailment\) in 3 rounds.*pretrain.steps") as err:
         gen.generate(0, 4, GeneratorConfig(max_length=16), torch.Generator().manual_seed(0), max_attempts=2)
     assert isinstance(err.value, UserError) and "\n" not in str(err.value)
+
+
+@pytest.fixture
+def long_gen(tiny_lm_dir):
+    """Rows of 40 tokens: room for several toy samples in one packed row."""
+    return build_generator(GeneratorConfig(model=str(tiny_lm_dir), max_length=40, top_k=10), SST2)
+
+
+def _texts(n, seed=0):
+    words = "good bad movie film dull fun great awful the a very quite slow fast story".split()
+    rng = np.random.default_rng(seed)
+    return TextSet(("sentence",), tuple((" ".join(rng.choice(words, rng.integers(1, 12))),) for _ in range(n)), rng.integers(0, 2, n))
+
+
+def test_packed_rows_hold_whole_samples_without_padding_between_them(long_gen):
+    gen = long_gen
+    data = _texts(9)
+    packed = gen.packed_batch(data)
+    ids, positions, samples = packed["input_ids"], packed["position_ids"], packed["sample_ids"]
+    assert ids.shape[1] <= gen.max_length and ids.shape[0] < len(data)  # fewer rows than samples
+    for k in range(len(data)):
+        row, cols = (samples == k).nonzero(as_tuple=True)
+        assert row.unique().numel() == 1 and torch.equal(cols, torch.arange(cols[0], cols[0] + len(cols)))  # one contiguous run
+        assert ids[row, cols].tolist() == gen.encode(data.texts[k], int(data.labels[k]))
+        assert positions[row, cols].tolist() == list(range(len(cols)))
+    tail = samples == -1
+    assert (ids[tail] == gen.pad_id).all() and tail.sum() < ids.shape[1]  # pads only at row ends: under a row in all
+    assert (tail[:, 1:] | ~tail[:, :-1]).all()  # nothing after a pad but pads
+
+
+def test_packed_losses_equal_padded_losses_and_their_gradients(long_gen):
+    gen = long_gen
+    """The packed body sees each sample as alone (per-sample position ids, attention within the
+    sample): losses and gradients equal the padded batch's, within fp32 rounding."""
+    data = _texts(12, seed=1)
+    assert gen.packs_samples
+    gen.model.eval()
+    losses = {}
+    for packing in (True, False):
+        gen.packing = packing
+        gen.model.zero_grad()
+        loss = gen.lm_losses(data)
+        loss.mean().backward()
+        losses[packing] = (loss.detach(), [p.grad.clone() for p in gen.model.parameters() if p.grad is not None])
+    torch.testing.assert_close(losses[True][0], losses[False][0], atol=1e-5, rtol=1e-5)
+    for packed, padded in zip(losses[True][1], losses[False][1]):
+        torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-4)
+
+
+def test_an_lm_that_reads_across_packed_samples_is_padded_instead(long_gen, monkeypatch):
+    gen = long_gen
+    """``packs_samples`` is measured, not assumed: an LM whose attention crosses sample
+    boundaries (here: position ids ignored) fails the check, and the losses stay the padded ones."""
+    forward = gen.model.base_model.forward
+    monkeypatch.setattr(gen.model.base_model, "forward", lambda *a, position_ids=None, **k: forward(*a, **k))
+    data = _texts(6, seed=2)
+    assert gen.packed_batch(data)["input_ids"].shape[0] < len(data)  # some row holds two samples
+    assert not gen.packs_samples
+    with torch.no_grad():
+        packed = gen.lm_losses(data)
+        gen.packing = False
+        torch.testing.assert_close(packed, gen.lm_losses(data))

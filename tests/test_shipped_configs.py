@@ -10,6 +10,7 @@ the config's. With the packaged SmolLM2 and MiniLM a single config's ``tune`` al
 otherwise a few rows of the task's columns and labels are written.
 """
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,10 @@ def test_shipped_config_tunes_and_runs_on_its_task(config, models, tmp_path, req
     assert "(RayTrainWorker" not in ran.stdout + ran.stderr and "Traceback" not in ran.stderr
     assert "[distill 5] " in ran.stdout + ran.stderr  # metric lines reach the driver
     assert (run_dir / "logs" / "distill-rank0.log").is_file()
+    # the run's fingerprint: a digest per stage, the sets of runs.csv, every run's score, the machine
+    fingerprint = json.loads((run_dir / "results" / "fingerprint.json").read_text())
+    stages, runs = fingerprint["stages"], pd.read_csv(run_dir / "results" / "runs.csv", dtype={"set_digest": str})
+    assert stages["pretrain"]["weights"] and stages["distill"]["weights"] and stages["pretrain"]["weights"] != stages["distill"]["weights"]
+    assert stages["distill"]["last_metrics"].startswith("[distill 15] ")
+    assert {key.split("/")[0] for key in stages["sets"]} == set(table.method)
+    assert len(stages["evaluate"]) == len(runs) and fingerprint["seed"] == 42 and fingerprint["machine"]["cpu"]

@@ -13,7 +13,9 @@ from dilm_ray.evaluation.report import results_table, to_markdown, write_results
 from dilm_ray.layout import RunLayout
 from dilm_ray.pipeline.base import Context, check_inputs
 from dilm_ray.pipeline.evaluate import evaluate_and_report, evaluate_groups, fidelity_of, load_any, scores_to_cards
+from dilm_ray.pipeline.record import write_fingerprint
 from dilm_ray.pipeline.table import run_stages
+from dilm_ray.provenance import commit
 from dilm_ray.timing import StageTimer
 from dilm_ray.tracking.mlflow_store import log_artifacts, mlflow_run
 
@@ -36,6 +38,7 @@ def run_command(cfg: Config, resume: bool = False) -> str:
     """``dilm-ray run``: every stage, then DiLM against the configured baselines; returns the table."""
     layout = RunLayout(cfg.run_dir)
     check_inputs(cfg)
+    code = commit()  # the code that runs is the code loaded now
     data = load_data(cfg)
     if not resume:
         layout.timing.unlink(missing_ok=True)
@@ -46,7 +49,8 @@ def run_command(cfg: Config, resume: bool = False) -> str:
         run_stages(ctx, timer)
         report = evaluate_and_report(ctx, timer, layout.results)
         (layout.results / "timing.md").write_text(timer.markdown() + "\n")
-        log_artifacts(run_id, [*report.paths, layout.results / "timing.md", layout.timing], "results")
+        fingerprint = write_fingerprint(cfg, layout, report.runs, layout.results, code)  # where another machine's run diverges
+        log_artifacts(run_id, [*report.paths, layout.results / "timing.md", layout.timing, fingerprint], "results")
         if run_id is not None:
             import mlflow
 

@@ -1,4 +1,5 @@
-"""Aggregating evaluation runs: mean, std and Welch's t-test against baselines.
+"""Aggregating evaluation runs: mean, std, Welch's t-test against baselines, and a test
+stratified by seed for experiments repeated at several seeds.
 
 DiLM Sec. 4 reports the mean and std of the score over evaluation runs.
 """
@@ -6,6 +7,7 @@ DiLM Sec. 4 reports the mean and std of the score over evaluation runs.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import stats
@@ -41,3 +43,28 @@ def welch_ci(a: list[float], b: list[float], level: float = 0.95) -> tuple[float
         raise ValueError(f"a confidence interval needs 2+ values per side, got {len(a)} and {len(b)}")
     ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(confidence_level=level)
     return float(ci.low), float(ci.high)
+
+
+def stratified_permutation_p(strata: Sequence[tuple[Sequence[float], Sequence[float]]], permutations: int = 20000, seed: int = 0) -> float:
+    """Two-sided p-value that ``a`` and ``b`` have equal means, stratified: one ``(a, b)`` pair
+    per stratum (the main job: per-set mean scores of two methods at one seed).
+
+    Statistic: the mean over strata of ``mean(a) - mean(b)``, so a shift that moves both methods
+    at one seed (that seed's stage-1 generator, its split of rows) cancels. Its null
+    distribution: the method labels permuted within each stratum, ``permutations`` times from a
+    generator seeded with ``seed``; p = (1 + count of |permuted| >= |observed|) / (1 +
+    permutations), in (0, 1]. NaN when a stratum has an empty side. Every value must be finite.
+    """
+    if not strata or any(len(a) == 0 or len(b) == 0 for a, b in strata):
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    pooled = [np.concatenate([np.asarray(a, float), np.asarray(b, float)]) for a, b in strata]
+    sizes = [len(a) for a, _ in strata]
+
+    def statistic(values: list[np.ndarray]) -> np.ndarray:  # values: [permutations, n] per stratum
+        return np.mean([v[:, :k].mean(1) - v[:, k:].mean(1) for v, k in zip(values, sizes)], axis=0)
+
+    observed = statistic([v[None] for v in pooled])[0]
+    shuffled = [rng.permuted(np.broadcast_to(v, (permutations, len(v))), axis=1) for v in pooled]
+    null = statistic(shuffled)
+    return float((1 + np.sum(np.abs(null) >= abs(observed) - 1e-12)) / (1 + permutations))

@@ -1,0 +1,125 @@
+"""The main job (``make run``: ``dilm-ray run configs/sst2-cpu.yaml``) as an experiment over seeds.
+
+Each seed's run is recorded under ``benchmarks/results/main-job/seed<N>/``: its ``table.md``,
+``runs.csv``, ``timing.md``, ``fingerprint.json`` (the digest of every stage's output, the
+commit, the CPU) and ``record.json`` (date, command). ``report`` compares DiLM with each
+baseline on per-set means (one value per distilled set: the mean over its learner seeds):
+per seed, the difference of means and Welch's p; over the seeds, a stratified permutation test
+(``dilm_ray.evaluation.stats.stratified_permutation_p``: method labels permuted within each
+seed, so a seed's shift of both methods cancels). Herding's one deterministic set gives no
+per-set spread and is left out of the tests.
+
+    dilm-ray run configs/sst2-cpu.yaml seed=43 name=sst2-cpu-seed43
+    python benchmarks/main_job.py record runs/sst2-cpu-seed43
+    python benchmarks/main_job.py report                  # every recorded seed; writes summary.md
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+from pathlib import Path
+
+import click
+import numpy as np
+import pandas as pd
+
+from dilm_ray.evaluation.stats import stratified_permutation_p, welch_p
+from dilm_ray.pipeline.record import FINGERPRINT_FILE
+
+RECORD = Path(__file__).parent / "results" / "main-job"
+FILES = ("table.md", "runs.csv", "timing.md", FINGERPRINT_FILE)
+
+
+def per_set(runs: pd.DataFrame, method: str) -> np.ndarray:
+    """The mean score (%) of each of ``method``'s sets, in set order."""
+    part = runs[runs.method == method]
+    return 100 * part.groupby("set_index")["score"].mean().to_numpy()
+
+
+def seeds_recorded(root: Path) -> dict[int, pd.DataFrame]:
+    """seed -> its ``runs.csv``, for every ``seed<N>/`` under ``root``."""
+    found = {}
+    for folder in sorted(root.glob("seed*")):
+        if (folder / "runs.csv").is_file():
+            found[int(folder.name[4:])] = pd.read_csv(folder / "runs.csv", dtype={"set_digest": str})
+    return found
+
+
+def comparison(by_seed: dict[int, pd.DataFrame], baseline: str, reference: str = "dilm") -> dict:
+    """``reference`` against ``baseline``: per seed (sets, means, difference, Welch p) and the
+    stratified p over the seeds."""
+    strata, rows = [], []
+    for seed, runs in by_seed.items():
+        a, b = per_set(runs, reference), per_set(runs, baseline)
+        strata.append((a, b))
+        rows.append({"seed": seed, "sets": (len(a), len(b)), "reference": a.mean(), "baseline": b.mean(), "difference": a.mean() - b.mean(),
+                     "welch_p": welch_p(list(a), list(b))})
+    return {"baseline": baseline, "per_seed": rows, "stratified_p": stratified_permutation_p(strata),
+            "mean_difference": float(np.mean([r["difference"] for r in rows]))}
+
+
+def report_markdown(by_seed: dict[int, pd.DataFrame], baselines: tuple[str, ...]) -> str:
+    seeds = ", ".join(map(str, by_seed))
+    lines = [
+        f"DiLM against each baseline on per-set means (%), seeds {seeds}; p over the seeds: stratified permutation test "
+        "(labels permuted within each seed, 20,000 permutations).",
+        "",
+        "| baseline | seed | sets (DiLM, baseline) | DiLM | baseline | DiLM - baseline | Welch p |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    summary = []
+    for baseline in baselines:
+        found = comparison(by_seed, baseline)
+        for r in found["per_seed"]:
+            lines.append(f"| {baseline} | {r['seed']} | {r['sets'][0]}, {r['sets'][1]} | {r['reference']:.1f} | {r['baseline']:.1f} | "
+                         f"{r['difference']:+.1f} | {r['welch_p']:.3g} |")
+        ahead = sum(r["difference"] > 0 for r in found["per_seed"])
+        summary.append(f"| {baseline} | {found['mean_difference']:+.1f} | {ahead} of {len(found['per_seed'])} | {found['stratified_p']:.3g} |")
+    return "\n".join([*lines, "", "| baseline | mean difference over seeds | seeds with DiLM ahead | stratified p |", "|---|---|---|---|", *summary])
+
+
+@click.group()
+def main() -> None:
+    pass
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--into", type=click.Path(path_type=Path), default=RECORD, show_default=True)
+def record(run_dir: Path, into: Path) -> None:
+    """Copy RUN_DIR's results into ``<into>/seed<N>/`` (N: the run's config seed)."""
+    results = run_dir / "results"
+    missing = [f for f in FILES if not (results / f).is_file()]
+    if missing:
+        raise click.ClickException(f"{results} lacks {', '.join(missing)}: run dilm-ray run to the end first")
+    fingerprint = json.loads((results / FINGERPRINT_FILE).read_text())
+    out = into / f"seed{fingerprint['seed']}"
+    out.mkdir(parents=True, exist_ok=True)
+    for name in FILES:
+        shutil.copyfile(results / name, out / name)
+    meta = {
+        "date": datetime.date.today().isoformat(), "commit": fingerprint["commit"], "cpu": fingerprint["machine"]["cpu"],
+        "bf16_instructions": fingerprint["machine"]["bf16_instructions"], "precision": fingerprint["precision"],
+        "command": f"dilm-ray run configs/{fingerprint['config']}.yaml seed={fingerprint['seed']}",
+    }
+    (out / "record.json").write_text(json.dumps(meta, indent=1) + "\n")
+    click.echo(f"recorded {run_dir} as {out}")
+
+
+@main.command()
+@click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=RECORD, show_default=True)
+@click.option("--baseline", "baselines", multiple=True, default=("random", "k_centers"), show_default=True)
+def report(root: Path, baselines: tuple[str, ...]) -> None:
+    """The stratified comparison over every recorded seed; also written to ``<root>/summary.md``."""
+    by_seed = seeds_recorded(root)
+    if not by_seed:
+        raise click.ClickException(f"no seed<N>/runs.csv under {root}")
+    text = report_markdown(by_seed, baselines)
+    (root / "summary.md").write_text(text + "\n")
+    click.echo(text)
+
+
+if __name__ == "__main__":
+    main()
