@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -33,7 +34,11 @@ FILES = ("table.md", "runs.csv", "timing.md", FINGERPRINT_FILE)
 
 
 def per_set(runs: pd.DataFrame, method: str) -> np.ndarray:
-    """The mean score (%) of each of ``method``'s sets, in set order."""
+    """The mean score (%) of each of ``method``'s sets, in set order. Raises ClickException when
+    ``runs`` holds more than one learner or DPC (the main job has one of each)."""
+    cells = runs[["learner", "dpc"]].drop_duplicates()
+    if len(cells) != 1:
+        raise click.ClickException(f"runs of {len(cells)} (learner, DPC) cells: the main job has one")
     part = runs[runs.method == method]
     return 100 * part.groupby("set_index")["score"].mean().to_numpy()
 
@@ -42,8 +47,9 @@ def seeds_recorded(root: Path) -> dict[int, pd.DataFrame]:
     """seed -> its ``runs.csv``, for every ``seed<N>/`` under ``root``."""
     found = {}
     for folder in sorted(root.glob("seed*")):
-        if (folder / "runs.csv").is_file():
-            found[int(folder.name[4:])] = pd.read_csv(folder / "runs.csv", dtype={"set_digest": str})
+        seed = re.fullmatch(r"seed(\d+)", folder.name)
+        if seed and (folder / "runs.csv").is_file():
+            found[int(seed.group(1))] = pd.read_csv(folder / "runs.csv", dtype={"set_digest": str})
     return found
 
 
@@ -88,7 +94,8 @@ def main() -> None:
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--into", type=click.Path(path_type=Path), default=RECORD, show_default=True)
-def record(run_dir: Path, into: Path) -> None:
+@click.option("--config", "config_path", default="configs/sst2-cpu.yaml", show_default=True, help="the config the run was made from (for the recorded command)")
+def record(run_dir: Path, into: Path, config_path: str) -> None:
     """Copy RUN_DIR's results into ``<into>/seed<N>/`` (N: the run's config seed)."""
     results = run_dir / "results"
     missing = [f for f in FILES if not (results / f).is_file()]
@@ -102,7 +109,7 @@ def record(run_dir: Path, into: Path) -> None:
     meta = {
         "date": datetime.date.today().isoformat(), "commit": fingerprint["commit"], "cpu": fingerprint["machine"]["cpu"],
         "bf16_instructions": fingerprint["machine"]["bf16_instructions"], "precision": fingerprint["precision"],
-        "command": f"dilm-ray run configs/{fingerprint['config']}.yaml seed={fingerprint['seed']}",
+        "command": f"dilm-ray run {config_path} seed={fingerprint['seed']}" + (f" name={fingerprint['config']}" if fingerprint["config"] != Path(config_path).stem else ""),
     }
     (out / "record.json").write_text(json.dumps(meta, indent=1) + "\n")
     click.echo(f"recorded {run_dir} as {out}")

@@ -10,8 +10,8 @@ and real rows:
   step (16: SST-2's are ~45% padding), batched three ways: ``padded`` (right-padded to the
   batch's longest row: the code before packing), ``packed`` (``generator.packing``: the rows'
   samples packed into rows of max_length, what ``pretrain`` runs), and ``bucketed`` (the
-  alternative to packing: batches of rows of similar length, cut from a length-sorted pool of 16
-  batches, padded). Reports real (non-pad) tokens/s and the padding fraction of the batches;
+  alternative to packing: batches of rows of similar length, cut from a length-sorted pool of
+  max(16, steps) batches, padded). Reports real (non-pad) tokens/s and the padding fraction of the batches;
   padded and packed time the same batches;
 - ``stage-2 step``: one matching step (``matching_step``: learner head gradients of the real and
   synthetic batches, generator LM losses, backward into the generator) and the learner's inner
@@ -121,10 +121,11 @@ def stage1_random(cfg: Config, data, precision: str, repeats: int) -> list[dict]
     size, steps = cfg.pretrain.batch_size, repeats + 1
     rng = np.random.default_rng(cfg.seed)
     random_batches = [data.train.select(rng.choice(len(data.train), size, replace=False)) for _ in range(steps)]
-    pool = data.train.select(rng.choice(len(data.train), size * 16, replace=False))
+    n_buckets = max(16, steps)
+    pool = data.train.select(rng.choice(len(data.train), size * n_buckets, replace=False))
     order = np.argsort([len(gen.encode(t, int(y))) for t, y in zip(pool.texts, pool.labels)], kind="stable")
-    buckets = [pool.select(order[i * size : (i + 1) * size]) for i in range(16)]
-    bucket_batches = [buckets[i] for i in rng.choice(16, steps, replace=False)]
+    buckets = [pool.select(order[i * size : (i + 1) * size]) for i in range(n_buckets)]
+    bucket_batches = [buckets[i] for i in rng.choice(n_buckets, steps, replace=False)]
 
     def step(batch: TextSet) -> None:
         with autocast(precision, gen.device):

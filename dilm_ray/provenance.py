@@ -23,10 +23,12 @@ def commit() -> str:
 
 
 def machine() -> dict[str, object]:
-    """The machine results were made on, as far as it moves them: the CPU model, its native
+    """The machine this process runs on, as far as it moves results: the CPU model, its native
     bf16 instructions (``avx512_bf16``, ``amx_bf16``: bf16 kernels, and so bf16 results, differ
-    between CPUs with and without them), the logical CPU count, and the torch and transformers
-    versions. ``cpu`` is ``platform.processor()`` where /proc/cpuinfo is missing."""
+    between CPUs with and without them), the CPUs this process may use, the first GPU's name
+    (None without CUDA), and the torch and transformers versions. ``cpu`` is
+    ``platform.processor()`` where /proc/cpuinfo has no model name (ARM). On a Ray cluster the
+    stages may run on other nodes: this is the driver's machine."""
     import os
     import platform
 
@@ -42,6 +44,8 @@ def machine() -> dict[str, object]:
         pass
     cpu, flags = fields.get("model name") or platform.processor() or "unknown", set(fields.get("flags", "").split())
     return {
-        "cpu": cpu, "bf16_instructions": sorted(flags & {"avx512_bf16", "amx_bf16"}), "logical_cpus": os.cpu_count(),
+        "cpu": cpu, "bf16_instructions": sorted(flags & {"avx512_bf16", "amx_bf16"}),
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__, "transformers": transformers.__version__,
     }

@@ -55,6 +55,9 @@ def check(run_dir: Path, readme: Path = ROOT / "README.md", record: Path = RECOR
     mine, theirs = run_dir / "results" / FINGERPRINT_FILE, record / FINGERPRINT_FILE
     if mine.is_file() and theirs.is_file():
         a, b = json.loads(theirs.read_text()), json.loads(mine.read_text())
+        if (a.get("config"), a.get("seed")) != (b.get("config"), b.get("seed")):
+            lines.append(f"the run is {b.get('config')} at seed {b.get('seed')}, the record {a.get('config')} at seed {a.get('seed')}: "
+                         "they are not meant to agree")
         where = first_divergence(a, b)
         for name, fp in (("README's record", a), ("this run", b)):
             m = fp["machine"]

@@ -265,6 +265,7 @@ def test_an_lm_that_reads_across_packed_samples_is_padded_instead(long_gen, monk
     monkeypatch.setattr(gen.model.base_model, "forward", lambda *a, position_ids=None, **k: forward(*a, **k))
     data = _texts(6, seed=2)
     assert gen.packed_batch(data)["input_ids"].shape[0] < len(data)  # some row holds two samples
+    del gen.packs_samples  # build_generator checked the LM before it was broken: check again
     assert not gen.packs_samples
     with torch.no_grad():
         packed = gen.lm_losses(data)

@@ -194,3 +194,27 @@ def test_gpu_workers_this_machine_lacks_end_stage_1_in_one_line(paper_gpt2_dir, 
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2, result.output + repr(result.exception)
     assert result.output.strip().splitlines()[-1].startswith("error: stage pretrain: ray.use_gpu=true with ray.num_workers=4 needs 4 GPUs")
+
+
+def test_gpt2_packs_its_samples_also_with_frozen_layers_held_in_bf16(paper_gpt2_dir):
+    """GPT-2 (learned positions, LayerNorm in the weights' dtype) keeps packed samples apart, and
+    the check runs while every weight is fp32: with the frozen layers held in bf16 and the top
+    block fp32, a later fp32 check would feed bf16 activations to fp32 weights."""
+    from dilm_ray.config import GeneratorConfig
+    from dilm_ray.data.dataset import TextSet
+    from dilm_ray.data.tasks import BUILTIN_TASKS as TASKS
+    from dilm_ray.models.generator import build_generator, set_trainable
+    from dilm_ray.precision import autocast, prepare
+
+    gen = build_generator(GeneratorConfig(model=str(paper_gpt2_dir), max_length=64, train_top_layers=1), TASKS["mnli"])
+    set_trainable(gen, GeneratorConfig(model=str(paper_gpt2_dir), train_top_layers=1), label_tokens=True)
+    prepare(gen.model, "bf16")
+    assert gen.packs_samples  # checked by build_generator; checked now, it would raise and pad
+    pairs = TextSet(("premise", "hypothesis"), (("bad sad good", "the movie was fun"), ("dull", "ugly"), ("a", "b c")), torch.tensor([0, 2, 1]).numpy())
+    assert gen.packed_batch(pairs)["input_ids"].shape[0] == 1  # all three in one row
+    gen.model.eval()
+    with torch.no_grad(), autocast("bf16"):
+        packed = gen.lm_losses(pairs)
+        gen.packing = False
+        padded = gen.lm_losses(pairs)
+    torch.testing.assert_close(packed, padded, atol=0.05, rtol=0.02)  # bf16 rounding

@@ -94,7 +94,7 @@ class Generator:
         First-fit decreasing by length, so that every row holds whole samples; each sample's
         ``position_ids`` restart at 0, which is how ``transformers`` (>= 4.53: ``masking_utils``,
         GPT-2 and Llama families among others) keeps attention within a sample when no
-        ``attention_mask`` is passed. The tail of a row is ``pad_id`` with positions that continue
+        ``attention_mask`` and no cache is passed (``use_cache=False``). The tail of a row is ``pad_id`` with positions that continue
         its last sample's, so it opens no sequence of its own, and causal attention keeps the
         samples before it from reading it. Returns int64 [R, W] tensors on CPU, W <= ``max_length``:
         ``input_ids``, ``position_ids`` and ``sample_ids`` (the row of ``data`` each token
@@ -135,8 +135,9 @@ class Generator:
         logits are cast up before the log-softmax); the targets are the text tokens, ``<sep>``
         and EOS (not the label token). With ``packing`` (and an LM that keeps packed samples
         apart, ``packs_samples``) the body runs on ``packed_batch``'s rows, otherwise on right-padded
-        ``batch`` rows: the same losses up to float rounding (fp32: ~1e-6 nats), at the cost of the real
-        tokens only (SST-2 batches of 16 are ~45% padding). The LM loss of DiLM Sec. 3.1 and the
+        ``batch`` rows: the same losses up to float rounding (fp32: ~1e-6 nats; with dropout, as in
+        GPT-2 in train mode, the same in distribution: other shapes draw other masks), at the cost
+        of the real tokens only (random SST-2 batches of 16 are ~57% padding). The LM loss of DiLM Sec. 3.1 and the
         input of the sample weights softmax(-loss / T) (Sec. 3.2)."""
         if self.packing and self.packs_samples:
             batch = {k: v.to(self.device) for k, v in self.packed_batch(data).items()}
@@ -152,23 +153,31 @@ class Generator:
 
     @functools.cached_property
     def packs_samples(self) -> bool:
-        """Whether the LM keeps packed samples apart: two short samples packed in one row give
-        each the hidden states it has alone (fp32, eval mode, within 1e-4). Checked once per
-        generator (two forward passes of a few tokens); an LM whose attention ignores
-        ``position_ids`` boundaries fails it, and ``lm_losses`` then pads instead."""
+        """Whether the LM keeps packed samples apart: two short samples packed in one row, and
+        the second again in a row of its own with a padded tail, give each the hidden states it
+        has alone (eval mode, autocast off, within 1e-4). Two rows, because some attention
+        kernels (flash attention) detect packing only in a batch of one. Checked once per
+        generator, by ``build_generator`` while the weights are fp32 (later, frozen weights may be
+        held in bf16: ``precision.hold_frozen``); an LM that fails it, or raises, is padded
+        (``lm_losses``)."""
         first = [*self.prompt(0), self.eos_id, self.eos_id]
         second = [*self.prompt(len(self.bos_ids) - 1), self.sep_id, self.eos_id, self.sep_id, self.eos_id]
+        tail = len(first)
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
-                alone = [self.model.base_model(input_ids=torch.tensor([ids], device=self.device), use_cache=False).last_hidden_state[0] for ids in (first, second)]
-                ids = torch.tensor([first + second], device=self.device)
-                positions = torch.tensor([[*range(len(first)), *range(len(second))]], device=self.device)
-                packed = self.model.base_model(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state[0]
+                body = self.model.base_model
+                alone = [body(input_ids=torch.tensor([ids], device=self.device), use_cache=False).last_hidden_state[0] for ids in (first, second)]
+                ids = torch.tensor([first + second, second + [self.pad_id] * tail], device=self.device)
+                positions = torch.tensor([[*range(len(first)), *range(len(second))], [*range(len(second) + tail)]], device=self.device)
+                packed = body(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+        except Exception:  # noqa: BLE001  # any LM that cannot run this is padded, as before packing existed
+            return False
         finally:
             self.model.train(was_training)
-        return bool(torch.allclose(packed, torch.cat(alone), atol=1e-4, rtol=1e-4))
+        expected = torch.cat(alone)
+        return bool(torch.allclose(packed[0], expected, atol=1e-4, rtol=1e-4) and torch.allclose(packed[1, : len(second)], alone[1], atol=1e-4, rtol=1e-4))
 
     @property
     def device(self) -> torch.device:
@@ -463,7 +472,7 @@ def sequence_nll(
     sample with no target gives 0.
 
     The head and the log-softmax run only at the target positions, in fp32: short texts padded
-    to a batch's longest (SST-2: ~60% padding at 40 tokens) would otherwise pay the
+    to a batch's longest (random SST-2 rows: ~57% padding) would otherwise pay the
     vocabulary-wide product and softmax for every pad.
     """
     target = sample_ids[:, 1:]
@@ -676,7 +685,7 @@ def build_generator(cfg: GeneratorConfig, task: TaskSpec, model_name: str | None
         raise ValueError(f"generator '{name}' has no EOS token")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     vocab = tokenizer.get_vocab()
-    return Generator(
+    gen = Generator(
         model=model,
         tokenizer=tokenizer,
         task=task,
@@ -688,3 +697,6 @@ def build_generator(cfg: GeneratorConfig, task: TaskSpec, model_name: str | None
         prefix=(sink_token_id(tokenizer),) if cfg.sink_token else (),
         packing=cfg.packing,
     )
+    if cfg.packing:
+        gen.packs_samples  # checked now, while every weight is fp32  # noqa: B018
+    return gen

@@ -5,7 +5,10 @@ holds a ``stage.json`` with the stage's *key*, a digest of the config fields its
 on. Those fields are listed here by name, section by section (``KEY_FIELDS``): a field added to
 a config section enters no key until it is added to a list, so a new setting never silently
 invalidates finished runs, and a setting that changes outputs must be added on purpose
-(``tests/test_pipeline_keys.py`` pins every shipped config's keys).
+(``tests/test_pipeline_keys.py`` pins every shipped config's keys). Fields that change how a
+result is computed but not what (``generator.packing``: the same losses, another rounding order;
+``threads``) enter no key: a run made either way resumes the other, and its fingerprint
+(``pipeline.record``) shows whether the bits differ.
 
 Stage modules (``pretrain``, ``distill``, ``synthesize``, ``coreset``, ``evaluate``) import this
 module only; ``pipeline.table`` imports them all.

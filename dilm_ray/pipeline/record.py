@@ -35,11 +35,14 @@ def _digest(paths: list[Path]) -> str | None:
 
 
 def _last_metrics(log: Path, stage: str) -> str | None:
-    """The last metric line of ``stage`` in its rank-0 worker log (``[pretrain 300] lm_loss=...``)."""
+    """The last metric line of ``stage`` in its rank-0 worker log (``[pretrain 300] lm_loss=...``),
+    without its timings (``seconds_*``: wall clock, never equal between two runs)."""
     if not log.is_file():
         return None
     lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip().startswith(f"[{stage} ")]
-    return lines[-1] if lines else None
+    if not lines:
+        return None
+    return " ".join(part for part in lines[-1].split() if not part.startswith("seconds"))
 
 
 def fingerprint(cfg: Config, layout: RunLayout, runs: pd.DataFrame, code: str | None = None) -> dict:
@@ -48,7 +51,7 @@ def fingerprint(cfg: Config, layout: RunLayout, runs: pd.DataFrame, code: str | 
     ``pretrain``/``distill``: the SHA-256 (16 hex) of the generator's safetensors and the last
     metric line of its rank-0 log (None where the stage did not run); ``sets``: per
     ``method/dpc<D>``, the digest of each set in set order (``runs.csv``'s ``set_digest``);
-    ``evaluate``: the score of each run, keyed ``learner/method/dpc<D>/set<i>/seed<s>``, rounded
+    ``evaluate``: the score of each run, keyed ``<learner>/<method>/dpc<D>/set<i>/seed<s>``, rounded
     to 6 decimals. With the config's name and seed, the commit (``code``: ``provenance.commit()``
     taken when the run started; by default now), the resolved precision, the threads and ``provenance.machine()``.
     """
@@ -62,8 +65,8 @@ def fingerprint(cfg: Config, layout: RunLayout, runs: pd.DataFrame, code: str | 
         by_set = part.drop_duplicates("set_index").sort_values("set_index")
         sets[f"{method}/dpc{dpc}"] = by_set["set_digest"].astype(str).str[:16].tolist()
     stages["sets"] = sets
-    stages["evaluate"] = {
-        f"{Path(str(r.learner)).name}/{r.method}/dpc{r.dpc}/set{r.set_index}/seed{r.seed}": round(float(r.score), 6)
+    stages["evaluate"] = {  # NaN (a failed score) as None: NaN never equals itself after a JSON round trip
+        f"{r.learner}/{r.method}/dpc{r.dpc}/set{r.set_index}/seed{r.seed}": None if pd.isna(r.score) else round(float(r.score), 6)
         for r in runs.sort_values(["learner", "method", "dpc", "set_index", "seed"]).itertuples()
     }
     return {
