@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -57,7 +58,8 @@ def _command(fn):
             click.echo(f"error: {err}", err=True)
             sys.exit(1)
         except KeyboardInterrupt as err:
-            click.echo(f"interrupted ({err}): finished stages and evaluation runs are kept; add --resume to continue", err=True)
+            name = signal.Signals(interrupts.signal_of(err)).name
+            click.echo(f"interrupted ({name}): finished stages and evaluation runs are kept; add --resume to continue", err=True)
             sys.exit(interrupts.exit_code(err))
 
     return wrapper

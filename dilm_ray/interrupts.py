@@ -24,10 +24,15 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _raise(signum: int, frame) -> None:
+    global _last_signal
+    _last_signal = signum
     raise Interrupted(signum)
 
 
 _installed = False
+# the signal _raise last turned into Interrupted: Ray's blocking calls (ray.wait, ray.get) re-raise
+# what a handler raised as a plain KeyboardInterrupt (seen: a SIGTERM during Ray-task evaluation)
+_last_signal: int | None = None
 
 
 def install() -> None:
@@ -44,9 +49,17 @@ def reinstall() -> None:
         install()
 
 
+def signal_of(err: KeyboardInterrupt) -> int:
+    """The signal behind ``err``: its own, else the one last turned into ``Interrupted`` (a
+    library may re-raise it as a plain ``KeyboardInterrupt``), else SIGINT."""
+    if isinstance(err, Interrupted):
+        return err.signum
+    return _last_signal if _last_signal is not None else int(signal.SIGINT)
+
+
 def exit_code(err: KeyboardInterrupt) -> int:
-    """128 + the signal number, as a shell reports a process ended by that signal."""
-    return 128 + (err.signum if isinstance(err, Interrupted) else signal.SIGINT)
+    """128 + the signal number (``signal_of``), as a shell reports a process ended by that signal."""
+    return 128 + signal_of(err)
 
 
 @contextlib.contextmanager

@@ -100,8 +100,11 @@ def test_sigterm_becomes_an_interrupt_that_names_the_signal():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1)
         assert isinstance(caught.value, interrupts.Interrupted) and interrupts.exit_code(caught.value) == 143
+        # a library that re-raises it as a plain KeyboardInterrupt (Ray's wait loop) still reports SIGTERM
+        assert interrupts.exit_code(KeyboardInterrupt()) == 143
     finally:
         signal.signal(signal.SIGTERM, previous)
+        interrupts._last_signal = None
 
 
 def test_an_interrupt_while_records_are_written_waits_for_them():
