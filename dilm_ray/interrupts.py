@@ -30,8 +30,9 @@ def _raise(signum: int, frame) -> None:
 
 
 _installed = False
-# the signal _raise last turned into Interrupted: Ray's blocking calls (ray.wait, ray.get) re-raise
-# what a handler raised as a plain KeyboardInterrupt (seen: a SIGTERM during Ray-task evaluation)
+# the signal _raise last turned into Interrupted. A SIGTERM during Ray-task evaluation reached the
+# CLI as a plain KeyboardInterrupt (exit 130, no reason): Ray's blocking calls re-raise what the
+# handler raised as one, as far as we can tell; the exit status and message stay SIGTERM's here.
 _last_signal: int | None = None
 
 
