@@ -8,13 +8,13 @@ README's record and names the first stage that differs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import pandas as pd
 
 from dilm_ray.config import Config
+from dilm_ray.keys import content_key, file_digest
 from dilm_ray.layout import RunLayout
 from dilm_ray.provenance import commit, machine
 
@@ -24,14 +24,8 @@ STAGE_ORDER = ("pretrain", "distill", "sets", "evaluate")
 
 
 def _digest(paths: list[Path]) -> str | None:
-    if not paths:
-        return None
-    h = hashlib.sha256()
-    for path in sorted(paths):
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
+    """16 hex characters identifying the files' bytes; None for no files."""
+    return content_key(*(file_digest(p) for p in sorted(paths))) if paths else None
 
 
 def _last_metrics(log: Path, stage: str) -> str | None:
@@ -48,7 +42,7 @@ def _last_metrics(log: Path, stage: str) -> str | None:
 def fingerprint(cfg: Config, layout: RunLayout, runs: pd.DataFrame, code: str | None = None) -> dict:
     """The fingerprint of the run in ``layout`` whose evaluation rows are ``runs`` (``runs.csv``).
 
-    ``pretrain``/``distill``: the SHA-256 (16 hex) of the generator's safetensors and the last
+    ``pretrain``/``distill``: a digest (16 hex) of the generator's safetensors files and the last
     metric line of its rank-0 log (None where the stage did not run); ``sets``: per
     ``method/dpc<D>``, the digest of each set in set order (``runs.csv``'s ``set_digest``);
     ``evaluate``: the score of each run, keyed ``<learner>/<method>/dpc<D>/set<i>/seed<s>``, rounded
