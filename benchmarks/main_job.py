@@ -26,7 +26,7 @@ import click
 import numpy as np
 import pandas as pd
 
-from dilm_ray.evaluation.stats import stratified_permutation_p, welch_p
+from dilm_ray.evaluation.stats import stratified_permutation_p, stratified_power, welch_p
 from dilm_ray.pipeline.record import FINGERPRINT_FILE
 
 RECORD = Path(__file__).parent / "results" / "main-job"
@@ -62,8 +62,9 @@ def comparison(by_seed: dict[int, pd.DataFrame], baseline: str, reference: str =
         strata.append((a, b))
         rows.append({"seed": seed, "sets": (len(a), len(b)), "reference": a.mean(), "baseline": b.mean(), "difference": a.mean() - b.mean(),
                      "welch_p": welch_p(list(a), list(b))})
+    power, sets = stratified_power(strata)
     return {"baseline": baseline, "per_seed": rows, "stratified_p": stratified_permutation_p(strata),
-            "mean_difference": float(np.mean([r["difference"] for r in rows]))}
+            "mean_difference": float(np.mean([r["difference"] for r in rows])), "power": power, "sets_for_80": sets}
 
 
 def report_markdown(by_seed: dict[int, pd.DataFrame], baselines: tuple[str, ...]) -> str:
@@ -82,8 +83,14 @@ def report_markdown(by_seed: dict[int, pd.DataFrame], baselines: tuple[str, ...]
             lines.append(f"| {baseline} | {r['seed']} | {r['sets'][0]}, {r['sets'][1]} | {r['reference']:.1f} | {r['baseline']:.1f} | "
                          f"{r['difference']:+.1f} | {r['welch_p']:.3g} |")
         ahead = sum(r["difference"] > 0 for r in found["per_seed"])
-        summary.append(f"| {baseline} | {found['mean_difference']:+.1f} | {ahead} of {len(found['per_seed'])} | {found['stratified_p']:.3g} |")
-    return "\n".join([*lines, "", "| baseline | mean difference over seeds | seeds with DiLM ahead | stratified p |", "|---|---|---|---|", *summary])
+        summary.append(f"| {baseline} | {found['mean_difference']:+.1f} | {ahead} of {len(found['per_seed'])} | {found['stratified_p']:.3g} | "
+                       f"{found['power']:.2f} | {found['sets_for_80']:.0f} |")
+    return "\n".join([
+        *lines, "", "| baseline | mean difference over seeds | seeds with DiLM ahead | stratified p | power at p < 0.05 | sets per method per seed for 80% (at these seeds) |",
+        "|---|---|---|---|---|---|", *summary, "",
+        "Power and sets: normal approximation, taking the observed lead and per-set variances at face value "
+        "(`dilm_ray.evaluation.stats.stratified_power`), for planning; not a test.",
+    ])
 
 
 @click.group()
@@ -95,7 +102,8 @@ def main() -> None:
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--into", type=click.Path(path_type=Path), default=RECORD, show_default=True)
 @click.option("--config", "config_path", default="configs/sst2-cpu.yaml", show_default=True, help="the config the run was made from (for the recorded command)")
-def record(run_dir: Path, into: Path, config_path: str) -> None:
+@click.option("--note", default="", help="what the record alone does not say (e.g. the commits earlier invocations of a resumed run ran)")
+def record(run_dir: Path, into: Path, config_path: str, note: str) -> None:
     """Copy RUN_DIR's results into ``<into>/seed<N>/`` (N: the run's config seed)."""
     results = run_dir / "results"
     missing = [f for f in FILES if not (results / f).is_file()]
@@ -110,6 +118,7 @@ def record(run_dir: Path, into: Path, config_path: str) -> None:
         "date": datetime.date.today().isoformat(), "commit": fingerprint["commit"], "cpu": fingerprint["machine"]["cpu"],
         "bf16_instructions": fingerprint["machine"]["bf16_instructions"], "precision": fingerprint["precision"],
         "command": f"dilm-ray run {config_path} seed={fingerprint['seed']}" + (f" name={fingerprint['config']}" if fingerprint["config"] != Path(config_path).stem else ""),
+        **({"note": note} if note else {}),
     }
     (out / "record.json").write_text(json.dumps(meta, indent=1) + "\n")
     click.echo(f"recorded {run_dir} as {out}")

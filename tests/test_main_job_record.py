@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dilm_ray.evaluation.stats import stratified_permutation_p
+from dilm_ray.evaluation.stats import stratified_permutation_p, stratified_power
 from dilm_ray.pipeline.record import first_divergence
 
 REPO = Path(__file__).parents[1]
@@ -64,6 +64,21 @@ def test_the_stratified_test_cancels_seed_shifts_and_sees_a_consistent_lead():
     assert np.isnan(stratified_permutation_p([([], [1.0])]))
 
 
+def test_power_follows_the_normal_approximation_of_the_stratified_lead():
+    rng = np.random.default_rng(0)
+    unit = lambda x: (x - x.mean()) / x.std(ddof=1)  # noqa: E731  sample variance exactly 1
+    a, b = unit(rng.normal(size=8)) + 1.0, unit(rng.normal(size=8))
+    # one stratum, se = sqrt(1/8 + 1/8) = 0.5, lead 1: power = Phi(2 - 1.96) + Phi(-2 - 1.96)
+    power, sets = stratified_power([(a, b)])
+    assert power == pytest.approx(0.5160, abs=1e-3)
+    assert sets == pytest.approx((1.959964 + 0.841621) ** 2 * 2, rel=1e-4)  # 15.7 sets per side for 80%
+    power4, sets4 = stratified_power([(a, b)] * 4)  # four seeds alike: se halves, a quarter of the sets
+    assert power4 == pytest.approx(0.9793, abs=1e-3) and sets4 == pytest.approx(sets / 4, rel=1e-9)
+    assert stratified_power([(b + 1.0, b)])[1] == pytest.approx(sets)  # equal variances: the same plan
+    with pytest.raises(ValueError):
+        stratified_power([(a[:1], b)])
+
+
 def _run_folder(tmp_path: Path, seed: int, dilm_bonus: float) -> Path:
     """A run folder's results as ``dilm-ray run`` writes them: 4 sets x 1 seed per method."""
     rng = np.random.default_rng(seed)
@@ -99,6 +114,7 @@ def test_record_then_report_over_seeds(tmp_path):
     lead = np.mean([100 * (r[r.method == "dilm"].score.mean() - r[r.method == "random"].score.mean()) for r in runs.values()])
     assert f"| random | {lead:+.1f} | 3 of 3 | 5e-05 |" in summary  # ahead at every seed: no permutation beats the observed lead
     assert "| k_centers |" in summary and "| random | 43 | 4, 4 |" in summary
+    assert "power at p < 0.05" in summary
 
 
 def test_recording_an_unfinished_run_fails_naming_what_is_missing(tmp_path):
@@ -129,7 +145,6 @@ def test_check_readme_table_names_the_first_stage_that_differs(tmp_path):
     assert check(tmp_path / "nowhere", readme, record)[0] == 2
 
 
-@pytest.mark.skipif(not (RECORD / "seed42" / "table.md").is_file(), reason="seed 42's main-job record is not made yet")
 def test_the_readme_shows_seed_42s_recorded_table():
     sys.path.insert(0, str(REPO / "scripts"))
     try:

@@ -68,3 +68,30 @@ def stratified_permutation_p(strata: Sequence[tuple[Sequence[float], Sequence[fl
     shuffled = [rng.permuted(np.broadcast_to(v, (permutations, len(v))), axis=1) for v in pooled]
     null = statistic(shuffled)
     return float((1 + np.sum(np.abs(null) >= abs(observed) - 1e-12)) / (1 + permutations))
+
+
+def stratified_power(strata: Sequence[tuple[Sequence[float], Sequence[float]]], alpha: float = 0.05, target: float = 0.8) -> tuple[float, float]:
+    """(power, sets) of the stratified comparison if the observed lead were the true one.
+
+    ``strata`` as in ``stratified_permutation_p``. Normal approximation of the statistic (the
+    mean over strata of ``mean(a) - mean(b)``) with each side's sample variance per stratum:
+    ``se^2 = sum_s (var(a_s)/|a_s| + var(b_s)/|b_s|) / S^2``. ``power``: the chance of a
+    two-sided p < ``alpha`` at these sizes; ``sets``: the sets per method per stratum at which
+    that chance reaches ``target`` (inf for a zero lead). A post-hoc figure for planning, not a
+    test: it takes the observed lead at face value. Raises ValueError when a side of a stratum
+    has fewer than 2 values (no variance to plan with).
+    """
+    from statistics import NormalDist
+
+    if not strata or any(len(a) < 2 or len(b) < 2 for a, b in strata):
+        raise ValueError("power needs 2+ values on each side of every stratum")
+    n = NormalDist()
+    lead = float(np.mean([np.mean(a) - np.mean(b) for a, b in strata]))
+    var = sum(np.var(a, ddof=1) / len(a) + np.var(b, ddof=1) / len(b) for a, b in strata) / len(strata) ** 2
+    z = n.inv_cdf(1 - alpha / 2)
+    shift = abs(lead) / np.sqrt(var) if var > 0 else float("inf")
+    power = n.cdf(shift - z) + n.cdf(-shift - z)
+    # the same se with n sets on each side of every stratum: sum_s (var_a + var_b) / (S^2 n)
+    spread = sum(np.var(a, ddof=1) + np.var(b, ddof=1) for a, b in strata) / len(strata) ** 2
+    sets = (z + n.inv_cdf(target)) ** 2 * spread / lead**2 if lead else float("inf")
+    return float(power), float(sets)
