@@ -97,6 +97,9 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         checkpoint.to_directory(str(local / "resume"))
         state, source = TrainState.load(local / "resume" / "state.pt"), str(local / "resume" / "generator")
         state.extra.setdefault("resumed_from", []).append(state.step)
+    elif loop_config.get("state"):  # a finished run continued to more steps, from its generator (``source``)
+        state = TrainState.load(Path(loop_config["state"]))
+        state.extra.setdefault("continued_from", []).append(state.step)
     gen = build_generator(cfg.generator, data.task, source)
     gen.model.to(runtime.device)
     if loop_config.get("tracking_uri"):
@@ -202,12 +205,19 @@ def clear_storage(storage: Path | str, name: str) -> None:
 
 def fit_stage(
     cfg: Config, stage: str, source: str | None = None, resume: bool = False, run_id: str | None = None,
-    tracking_uri: str | None = None, callbacks: list | None = None,
+    tracking_uri: str | None = None, callbacks: list | None = None, state: str | None = None,
 ) -> Path:
     """Run ``stage`` (``pretrain`` or ``distill``) on ``cfg.ray.num_workers`` workers, starting
     from the generator folder ``source`` (None: ``generator.model``), and copy the final
     generator into the run folder (``RunLayout.generator(stage)``). With ``resume`` it continues
     from the stage's latest Ray checkpoint, if any; without, it starts clean.
+
+    ``state``: the ``train_state.pt`` of a finished run of the same stage (beside its generator,
+    given as ``source``), to continue that run to ``steps`` (a stage-1 scaling study: one
+    generator evaluated at several step counts). Its step, RNG, optimizer and scheduler states
+    carry on, so with a schedule that does not depend on the total steps (``constant`` after
+    the same warm-up steps) the continued run is the longer run. A Ray checkpoint of this run,
+    when resuming, takes precedence.
 
     Raises ``RuntimeError`` when the trainer ends without a checkpoint, and a worker's
     ``UserError`` (``GenerationError`` among them) as itself, its message prefixed by the stage,
@@ -228,6 +238,7 @@ def fit_stage(
         train_worker,
         train_loop_config={
             "cfg": cfg.to_dict(), "stage": stage, "source": source, "run_id": run_id, "tracking_uri": tracking_uri, "progress": progress,
+            "state": state,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker={"CPU": cfg.ray.cpus_per_worker}

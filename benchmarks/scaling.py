@@ -1,0 +1,398 @@
+"""How DiLM's text scales with stage-1 compute: one generator, continued, evaluated at each point.
+
+One stage-1 generator is trained on the config's data and profile and continued to each of
+``--points`` LM steps (default 480, 960, 1,920, 3,840 steps of ``pretrain.batch_size``). Each
+point is its own run folder (``<name>-scaling<N>``) whose stage 1 continues the previous
+point's generator with its optimizer, scheduler and RNG states (``driver.ray_train.fit_stage``
+``state=``), so point N *is* the longer run stopped at N steps. For that the LR schedule must
+not depend on the total steps: every point runs ``pretrain.scheduler=constant`` after the
+profile's own warm-up steps (``int(steps * warmup_ratio)`` of the profile: 24 for
+``configs/bench/qqp.yaml``). So the 480-step point is not the bench record's 480-step generator,
+whose LR decayed linearly to 0.
+
+At each point: the LM-only label fidelity (``--per-label`` samples per label of the stage-1
+generator, before any selection; the TF-IDF reference classifier of ``evaluation.fidelity``),
+stage 2 (the profile's matching steps), synthesis of DiLM's sets and DiLM's with the label
+filter at DPC ``--dpc``, their label fidelity, and their evaluation (``--sets`` sets x 1 learner
+seed; ``--last-sets`` at the last point). K-centers and random are not run again: their runs
+come from ``--baseline`` (a ``runs.csv`` of ``benchmarks/glue.py --record``), unchanged, and
+the script refuses to compare when the baseline runs' evaluation key (learner, protocol,
+validation rows, precision) is not the one its own runs get.
+
+Everything resumes: finished points are read back; in a point, finished stages are skipped,
+stages 1-2 continue from their latest Ray checkpoint and finished evaluation runs are kept. The
+record (``--record``, default ``benchmarks/results/qqp-scaling/``) is rewritten after every
+point: ``points.csv`` (one row per point), ``runs.csv`` (every evaluation run, with its
+``steps``), ``point<N>/`` (the point's sets as ``train.jsonl``, its ``table.md`` and
+``fingerprint.json``), ``scaling.png``, ``table.md`` (the table, the fit and the commands).
+
+    setsid nohup python benchmarks/scaling.py run configs/bench/qqp.yaml > scaling.log 2>&1 &
+    python benchmarks/scaling.py report      # table, fit and plot from the record alone
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+import pandas as pd
+
+from dilm_ray import interrupts
+from dilm_ray.config import Config, load_config
+from dilm_ray.errors import UserError
+
+RECORD = Path(__file__).parent / "results" / "qqp-scaling"
+BASELINE = Path(__file__).parent / "results" / "qqp-bench-bf16" / "bench-cpu-dpc10" / "runs.csv"
+METHODS = ("dilm", "dilm_filtered")  # generated at every point
+BASELINES = ("k_centers", "random")  # from the baseline record
+POINT_FILE = "point.json"
+
+
+# ---- pure pieces ---------------------------------------------------------------------------------
+
+
+def warmup_steps(cfg: Config) -> int:
+    """The profile's own warm-up in steps, as ``train.optim.schedule`` counts them."""
+    return int(cfg.pretrain.steps * cfg.pretrain.warmup_ratio)
+
+
+def point_overrides(name: str, steps: int, warmup: int, sets: int, dpc: int) -> list[str]:
+    """Dotted overrides that make the profile the point at ``steps`` LM steps: a constant LR
+    after ``warmup`` steps (the ratio rounds to exactly ``warmup`` at any ``steps``), ``sets``
+    sets of DPC ``dpc``, one learner seed per set, no full-data row (it is in the baseline's record)."""
+    return [
+        f"name={name}-scaling{steps}", f"pretrain.steps={steps}", "pretrain.scheduler=constant", f"pretrain.warmup_ratio={(warmup + 0.5) / steps!r}",
+        f"synthesize.dpc=[{dpc}]", f"synthesize.n_datasets={sets}", "evaluate.n_evals_per_dataset=1", "evaluate.full_data_samples=null",
+    ]
+
+
+def log_fit(steps: list[float], values: list[float]) -> dict | None:
+    """Least squares ``value = a + b * log2(steps)``: ``{"intercept", "slope", "slope_se"}``
+    (``slope_se`` NaN with 2 points, where the residuals leave no degrees of freedom); None
+    with fewer than 2 points. Units: those of ``values`` per doubling of steps."""
+    if len(steps) < 2:
+        return None
+    x, y = np.log2(np.asarray(steps, float)), np.asarray(values, float)
+    slope, intercept = np.polyfit(x, y, 1)
+    dof = len(x) - 2
+    residual = y - (intercept + slope * x)
+    se = math.sqrt(float(residual @ residual) / dof / float(((x - x.mean()) ** 2).sum())) if dof > 0 else float("nan")
+    return {"intercept": float(intercept), "slope": float(slope), "slope_se": se}
+
+
+def crossing(fit: dict, level: float) -> float | None:
+    """The steps at which ``fit`` reaches ``level`` (2 ** ((level - a) / b)); None when the
+    slope is not positive (a flat or falling curve never crosses from below)."""
+    if fit["slope"] <= 0:
+        return None
+    return float(2 ** ((level - fit["intercept"]) / fit["slope"]))
+
+
+# ---- one point -------------------------------------------------------------------------------------
+
+
+def lm_only_fidelity(cfg: Config, data, per_label: int) -> dict:
+    """Label fidelity of ``per_label`` samples per label of the point's stage-1 generator,
+    sampled in the config's precision (bf16: under autocast, as synthesis samples)."""
+    import time
+
+    import torch
+
+    from dilm_ray.evaluation.fidelity import reference_classifier
+    from dilm_ray.layout import RunLayout
+    from dilm_ray.models.generator import build_generator
+    from dilm_ray.precision import resolve
+    from dilm_ray.train.runtime import Runtime
+
+    start = time.perf_counter()
+    predict = reference_classifier(data.train, cfg.seed)
+    gen = build_generator(cfg.generator, data.task, str(RunLayout(cfg.run_dir).generator_lm))
+    runtime = Runtime(precision=resolve(cfg.precision, cfg.ray.use_gpu))
+    with runtime.autocast():
+        samples, _, _ = gen.generate_all(per_label, cfg.generator, torch.Generator().manual_seed(cfg.seed), cfg.synthesize.max_attempts)
+    hits = predict(samples) == samples.labels
+    per = [float(hits[samples.labels == y].mean()) for y in range(data.task.num_labels)]
+    return {"lm_only_fidelity": float(hits.mean()), "lm_only_fidelity_per_label": per, "lm_only_rows": int(len(samples)),
+            "seconds_lm_only_fidelity": time.perf_counter() - start}
+
+
+def continue_stage1(ctx, previous: Config | None, timer, log) -> None:
+    """Stage 1 of the point: the previous point's generator continued to ``pretrain.steps``
+    (from the packaged model at the first point). Skipped when done (same stage key)."""
+    from dilm_ray.driver.ray_train import fit_stage
+    from dilm_ray.layout import RunLayout
+    from dilm_ray.pipeline.table import BY_NAME
+    from dilm_ray.tracking.mlflow_store import tracking_uri
+
+    stage = BY_NAME["pretrain"]
+    if stage.done(ctx):
+        log(f"[pretrain] {ctx.cfg.pretrain.steps} steps done earlier, skipped")
+        return
+    source = state = None
+    if previous is not None:
+        before = RunLayout(previous.run_dir).generator_lm
+        if not (before / "train_state.pt").is_file():
+            raise UserError(f"{before} holds no finished stage-1 run to continue: run the points in order")
+        source, state = str(before), str(before / "train_state.pt")
+        log(f"[pretrain] continuing {before} ({previous.pretrain.steps} steps) to {ctx.cfg.pretrain.steps}")
+    uri = tracking_uri(ctx.cfg) if ctx.run_id else None
+    with timer.span("pretrain"):
+        fit_stage(ctx.cfg, "pretrain", source, True, ctx.run_id, uri, state=state)
+    stage.mark(ctx)
+
+
+def baseline_runs(path: Path, key: str, dpc: int) -> pd.DataFrame:
+    """The baseline record's K-centers and random runs at ``dpc``; ``UserError`` when the
+    record is missing or its runs were scored under another evaluation key than ``key``."""
+    if not path.is_file():
+        raise UserError(f"--baseline {path}: no such runs.csv")
+    runs = pd.read_csv(path, dtype={"eval_key": str, "set_digest": str})
+    runs = runs[runs.method.isin(BASELINES) & (runs.dpc == dpc)]
+    if runs.empty:
+        raise UserError(f"--baseline {path}: no {' or '.join(BASELINES)} runs at DPC {dpc}")
+    other = sorted(set(runs.eval_key) - {key})
+    if other:
+        raise UserError(f"--baseline {path}: its runs were scored under evaluation key {other[0]}, this config's runs get {key} "
+                        "(another learner, protocol, precision or validation rows): not comparable")
+    return runs
+
+
+def run_point(config: str, overrides: list[str], steps: int, sets: int, dpc: int, previous: Config | None, record: Path,
+              baseline: Path, per_label: int, log=click.echo) -> tuple[Config, dict]:
+    """Run (or resume) the point at ``steps``; returns its config and its ``point.json`` row."""
+    from dilm_ray.data import load_data
+    from dilm_ray.evaluation.job import eval_key, protocol_config
+    from dilm_ray.pipeline.base import Context, check_inputs
+    from dilm_ray.pipeline.evaluate import evaluate_and_report
+    from dilm_ray.pipeline.record import fingerprint
+    from dilm_ray.pipeline.table import run_stages
+    from dilm_ray.provenance import commit
+    from dilm_ray.seeding import setup_torch
+    from dilm_ray.timing import StageTimer
+    from dilm_ray.tracking.mlflow_store import mlflow_run
+
+    base = load_config(config, overrides)
+    if warmup_steps(base) >= steps:
+        raise UserError(f"--points: the profile warms up for {warmup_steps(base)} steps (pretrain.steps x pretrain.warmup_ratio), "
+                        f"not fewer than the point at {steps} steps")
+    cfg = load_config(config, [*overrides, *point_overrides(base.name, steps, warmup_steps(base), sets, dpc)])
+    out = record / f"point{steps}"
+    done = out / POINT_FILE
+    if done.is_file():
+        row = json.loads(done.read_text())
+        if row.get("sets") == sets:
+            log(f"[point {steps}] done earlier ({out}), skipped")
+            return cfg, row
+    code = commit()
+    setup_torch(cfg)
+    check_inputs(cfg)
+    data = load_data(cfg)
+    key = eval_key(protocol_config(cfg, "dilm"), data.task, data.validation, cfg.learner.model)
+    baseline_runs(baseline, key, dpc)  # refuse before hours of training, not after
+    layout_dir = Path(cfg.run_dir)
+    timer = StageTimer(layout_dir / "timing.json")
+    log(f"[point {steps}] {cfg.name}: stage 1 to {steps} steps, stage 2, {sets} sets per method at DPC {dpc}")
+    with mlflow_run(cfg, "scaling", layout_dir / "mlflow-runs.json", resume=True) as run_id:
+        ctx = Context(cfg, data, METHODS, run_id, resume=True)
+        continue_stage1(ctx, previous, timer, log)
+        fid_file = layout_dir / "lm_only_fidelity.json"
+        if not fid_file.is_file():
+            fid_file.write_text(json.dumps(lm_only_fidelity(cfg, data, per_label)) + "\n")
+        lm_only = json.loads(fid_file.read_text())
+        log(f"[point {steps}] LM-only label fidelity {100 * lm_only['lm_only_fidelity']:.1f}% of {lm_only['lm_only_rows']} samples")
+        run_stages(ctx, timer, log)
+        results = layout_dir / "results"
+        report = evaluate_and_report(ctx, timer, results, [cfg.learner.model], {}, [dpc], (), "evaluate")
+    out.mkdir(parents=True, exist_ok=True)
+    for method in METHODS:  # the sets the runs used, as text
+        for path in sorted(ctx.layout.method_dir(method).glob(f"dpc{dpc}/set*/train.jsonl")):
+            target = out / path.relative_to(ctx.layout.distilled)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+    shutil.copyfile(results / "table.md", out / "table.md")
+    (out / "fingerprint.json").write_text(json.dumps(fingerprint(cfg, ctx.layout, report.runs, code), indent=1) + "\n")
+    report.runs.assign(steps=steps).to_csv(out / "runs.csv", index=False)
+    fidelity = {r.method: r.label_fidelity for r in report.table.itertuples()}
+    stage_seconds = {f"seconds_{k}": v for k, v in timer.seconds.items()}
+    row = {"steps": steps, "sets": sets, "dpc": dpc, "commit": code, "config": cfg.name, **lm_only,
+           **{f"{m}_fidelity": fidelity.get(m) for m in METHODS}, **stage_seconds}
+    done.write_text(json.dumps(row, indent=1) + "\n")
+    return cfg, row
+
+
+# ---- the record ------------------------------------------------------------------------------------
+
+
+def summarize(record: Path, baseline: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(points, runs) from the record: one row per finished point with each method's mean,
+    std, runs and Welch p against each baseline (on per-set means, in %), and every run."""
+    from dilm_ray.evaluation.stats import welch_p
+
+    rows = [json.loads(p.read_text()) for p in sorted(record.glob(f"point*/{POINT_FILE}"))]
+    if not rows:
+        return pd.DataFrame(), pd.DataFrame()
+    runs = pd.concat([pd.read_csv(p.parent / "runs.csv", dtype={"eval_key": str, "set_digest": str}) for p in sorted(record.glob(f"point*/{POINT_FILE}"))])
+    base = pd.read_csv(baseline, dtype={"eval_key": str, "set_digest": str})
+    dpc = rows[0]["dpc"]
+    reference = {b: 100 * base[(base.method == b) & (base.dpc == dpc)].groupby("set_index").score.mean().to_numpy() for b in BASELINES}
+    for row in rows:
+        part = runs[runs.steps == row["steps"]]
+        for method in METHODS:
+            per_set = 100 * part[part.method == method].groupby("set_index").score.mean().to_numpy()
+            row[f"{method}_mean"], row[f"{method}_std"], row[f"{method}_runs"] = per_set.mean(), per_set.std(ddof=1), len(per_set)
+            for b, values in reference.items():
+                row[f"{method}_p_vs_{b}"] = welch_p(list(per_set), list(values))
+    points = pd.DataFrame(rows).sort_values("steps")
+    for b, values in reference.items():
+        points[f"{b}_mean"], points[f"{b}_std"], points[f"{b}_runs"] = values.mean(), values.std(ddof=1), len(values)
+    return points, runs
+
+
+def reading(points: pd.DataFrame) -> list[str]:
+    """The fit of fidelity and score against log2(steps), and where the score would cross K-centers."""
+    lines = []
+    steps = list(points.steps)
+    for column, what in (("lm_only_fidelity", "LM-only fidelity (%)"), ("dilm_fidelity", "DiLM fidelity (%)"),
+                         ("dilm_filtered_fidelity", "DiLM with the filter, fidelity (%)"), ("dilm_mean", "DiLM score"), ("dilm_filtered_mean", "DiLM with the filter, score")):
+        scale = 100 if "fidelity" in column else 1
+        fit = log_fit(steps, list(scale * points[column]))
+        if fit is None:
+            lines.append(f"- {what}: one point, no trend yet.")
+            continue
+        se = "" if math.isnan(fit["slope_se"]) else f" ± {fit['slope_se']:.2f} (SE, {len(steps) - 2} degrees of freedom)"
+        text = f"- {what}: {fit['slope']:+.2f}{se} per doubling of LM steps."
+        if column.endswith("_mean"):
+            level = float(points["k_centers_mean"].iloc[0])
+            found = crossing(fit, level)
+            text += f" Crossing K-centers ({level:.1f}): " + (f"at about {found:,.0f} steps" if found else "never, at this slope")
+            if found and not math.isnan(fit["slope_se"]) and fit["slope"] - fit["slope_se"] > 0:
+                low = crossing({**fit, "slope": fit["slope"] + fit["slope_se"]}, level)
+                high = crossing({**fit, "slope": fit["slope"] - fit["slope_se"]}, level)
+                text += f" (slope ± 1 SE: {low:,.0f} to {high:,.0f})"
+            text += "."
+        lines.append(text)
+    return lines
+
+
+def plot(points: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for column, label in (("lm_only_fidelity", "LM-only"), ("dilm_fidelity", "DiLM"), ("dilm_filtered_fidelity", "DiLM + label filter")):
+        left.plot(points.steps, 100 * points[column], marker="o", label=label)
+    left.axhline(50, color="grey", ls=":", label="chance")
+    left.set(xscale="log", xlabel="stage-1 LM steps (log)", ylabel="label fidelity (%)", title="Does the text follow its label?")
+    for method, label in (("dilm", "DiLM"), ("dilm_filtered", "DiLM + label filter")):
+        right.errorbar(points.steps, points[f"{method}_mean"], yerr=points[f"{method}_std"], marker="o", capsize=3, label=label)
+    for b, style in zip(BASELINES, ("--", ":")):
+        right.axhline(float(points[f"{b}_mean"].iloc[0]), color="black", ls=style, label=f"{b} (record)")
+    right.set(xscale="log", xlabel="stage-1 LM steps (log)", ylabel="mean of accuracy and F1 (%)", title="Score at DPC 10 (mean ± std over sets)")
+    for ax in (left, right):
+        ax.set_xticks(list(points.steps), [str(s) for s in points.steps])
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(record: Path, baseline: Path, commands: list[str]) -> str:
+    """Rewrite ``points.csv``, ``runs.csv``, ``scaling.png`` and ``table.md``; returns the markdown."""
+    from dilm_ray.provenance import machine
+
+    points, runs = summarize(record, baseline)
+    if points.empty:
+        return "no point finished yet"
+    points.to_csv(record / "points.csv", index=False)
+    runs.to_csv(record / "runs.csv", index=False)
+    plot(points, record / "scaling.png")
+    header = ("| LM steps | sets | fidelity % LM-only / DiLM / DiLM + filter | DiLM (mean ± std) | p vs K-centers / random | "
+              "DiLM + filter | p vs K-centers / random | stage-1 min (this point's steps) |")
+    lines = [header, "|" + "---|" * 8]
+    for r in points.itertuples():
+        lines.append(
+            f"| {r.steps} | {r.dilm_runs} | {100 * r.lm_only_fidelity:.1f} / {100 * r.dilm_fidelity:.1f} / {100 * r.dilm_filtered_fidelity:.1f} | "
+            f"{r.dilm_mean:.1f} ± {r.dilm_std:.1f} | {r.dilm_p_vs_k_centers:.3g} / {r.dilm_p_vs_random:.3g} | "
+            f"{r.dilm_filtered_mean:.1f} ± {r.dilm_filtered_std:.1f} | {r.dilm_filtered_p_vs_k_centers:.3g} / {r.dilm_filtered_p_vs_random:.3g} | "
+            f"{getattr(r, 'seconds_pretrain', float('nan')) / 60:.1f} |"
+        )
+    first = points.iloc[0]
+    base = (f"K-centers {first.k_centers_mean:.1f} ± {first.k_centers_std:.1f} and random {first.random_mean:.1f} ± {first.random_std:.1f} "
+            f"({first.k_centers_runs} sets each, from {baseline.name} of the record); p: Welch on per-set means.")
+    host = machine()
+    text = "\n".join([
+        "Produced by", "", "```bash", *commands, "```", "", *lines, "", base, "", "Fit against log2(LM steps):", "", *reading(points), "",
+        f"Machine of this report: {host['cpu']} (bf16 instructions: {', '.join(host['bf16_instructions']) or 'none'}), {host['cpus']} CPUs; "
+        "each point's own machine and commit are in its fingerprint.json.",
+    ]) + "\n"
+    (record / "table.md").write_text(text)
+    return text
+
+
+def commands_of(record: Path, command: str | None) -> list[str]:
+    path = record / "commands.txt"
+    found = path.read_text().splitlines() if path.is_file() else []
+    if command and command not in found:
+        found.append(command)
+        record.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(found) + "\n")
+    return found
+
+
+@click.group()
+def main() -> None:
+    pass
+
+
+@main.command()
+@click.argument("config")
+@click.argument("overrides", nargs=-1)
+@click.option("--points", "points_", default="480,960,1920,3840", show_default=True, help="LM steps of the points, comma-separated, increasing")
+@click.option("--sets", default=5, show_default=True, help="sets per method (1 learner seed each) at every point but the last")
+@click.option("--last-sets", default=10, show_default=True, help="sets per method at the last point")
+@click.option("--dpc", default=10, show_default=True)
+@click.option("--per-label", default=100, show_default=True, help="LM-only samples per label for its label fidelity")
+@click.option("--record", type=click.Path(file_okay=False, path_type=Path), default=RECORD, show_default=True)
+@click.option("--baseline", type=click.Path(dir_okay=False, path_type=Path), default=BASELINE, show_default=True, help="runs.csv holding the K-centers and random runs")
+def run(config: str, overrides: tuple[str, ...], points_: str, sets: int, last_sets: int, dpc: int, per_label: int, record: Path, baseline: Path) -> None:
+    """Run (or resume) every point in order, rewriting the record after each."""
+    interrupts.install()
+    try:
+        try:
+            steps = [int(s) for s in points_.split(",")]
+        except ValueError:
+            raise UserError(f"--points {points_}: expected increasing integers, e.g. 480,960") from None
+        if not steps or steps != sorted(set(steps)) or steps[0] < 1:
+            raise UserError(f"--points {points_}: expected increasing positive integers, e.g. 480,960")
+        options = [f"--points {points_}", f"--sets {sets}", f"--last-sets {last_sets}", f"--dpc {dpc}", f"--per-label {per_label}"]
+        command = " ".join(["python benchmarks/scaling.py run", config, *overrides, *options])
+        commands = commands_of(record, command)
+        previous = None
+        for n in steps:
+            previous, _ = run_point(config, list(overrides), n, last_sets if n == steps[-1] else sets, dpc, previous, record, baseline, per_label)
+            click.echo(write_report(record, baseline, commands))
+    except UserError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt as err:
+        click.echo(f"interrupted ({err}): finished points, stages and evaluation runs are kept; run the same command to continue", err=True)
+        sys.exit(interrupts.exit_code(err))
+
+
+@main.command()
+@click.option("--record", type=click.Path(file_okay=False, path_type=Path), default=RECORD, show_default=True)
+@click.option("--baseline", type=click.Path(dir_okay=False, path_type=Path), default=BASELINE, show_default=True)
+def report(record: Path, baseline: Path) -> None:
+    """Table, fit and plot from the record alone."""
+    click.echo(write_report(record, baseline, commands_of(record, None)))
+
+
+if __name__ == "__main__":
+    main()
