@@ -72,33 +72,41 @@ def point_overrides(name: str, steps: int, warmup: int, sets: int, dpc: int) -> 
 
 
 def log_fit(steps: list[float], values: list[float]) -> dict | None:
-    """Least squares ``value = a + b * log2(steps)``: ``{"intercept", "slope", "slope_se"}``
-    (``slope_se`` NaN with 2 points, where the residuals leave no degrees of freedom); None
-    with fewer than 2 points. Units: those of ``values`` per doubling of steps."""
-    if len(steps) < 2:
-        return None
+    """Least squares ``value = y_mean + slope * (log2(steps) - x_mean)``: ``{"x_mean", "y_mean",
+    "slope", "slope_se"}`` (``slope_se`` NaN with 2 points, where the residuals leave no degrees
+    of freedom); None with fewer than 2 finite points (NaN values are left out). Units: those of
+    ``values`` per doubling of steps."""
     x, y = np.log2(np.asarray(steps, float)), np.asarray(values, float)
-    slope, intercept = np.polyfit(x, y, 1)
-    dof = len(x) - 2
-    residual = y - (intercept + slope * x)
-    se = math.sqrt(float(residual @ residual) / dof / float(((x - x.mean()) ** 2).sum())) if dof > 0 else float("nan")
-    return {"intercept": float(intercept), "slope": float(slope), "slope_se": se}
-
-
-def crossing(fit: dict, level: float) -> float | None:
-    """The steps at which ``fit`` reaches ``level`` (2 ** ((level - a) / b)); None when the
-    slope is not positive (a flat or falling curve never crosses from below)."""
-    if fit["slope"] <= 0:
+    keep = np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if len(x) < 2:
         return None
-    return float(2 ** ((level - fit["intercept"]) / fit["slope"]))
+    dx = x - x.mean()
+    slope = float(dx @ (y - y.mean()) / (dx @ dx))
+    dof = len(x) - 2
+    residual = y - y.mean() - slope * dx
+    se = math.sqrt(float(residual @ residual) / dof / float(dx @ dx)) if dof > 0 else float("nan")
+    return {"x_mean": float(x.mean()), "y_mean": float(y.mean()), "slope": slope, "slope_se": se}
+
+
+def crossing(fit: dict, level: float, slope: float | None = None) -> float | None:
+    """The steps at which the fitted line reaches ``level``: ``2 ** (x_mean + (level - y_mean) / slope)``,
+    with ``slope`` in place of the fit's if given (the line turned about the data's centre, where
+    its value is known best). None when the slope is not positive (a flat or falling curve never
+    crosses from below); inf beyond float range."""
+    slope = fit["slope"] if slope is None else slope
+    if not slope > 0:
+        return None
+    exponent = fit["x_mean"] + (level - fit["y_mean"]) / slope
+    return float(2.0**exponent) if exponent < 1000 else float("inf")
 
 
 # ---- one point -------------------------------------------------------------------------------------
 
 
 def lm_only_fidelity(cfg: Config, data, per_label: int) -> dict:
-    """Label fidelity of ``per_label`` samples per label of the point's stage-1 generator,
-    sampled in the config's precision (bf16: under autocast, as synthesis samples)."""
+    """Label fidelity of ``per_label`` samples per label of the point's stage-1 generator, held
+    and sampled as synthesis does (``prepare``; bf16: under autocast)."""
     import time
 
     import torch
@@ -106,13 +114,15 @@ def lm_only_fidelity(cfg: Config, data, per_label: int) -> dict:
     from dilm_ray.evaluation.fidelity import reference_classifier
     from dilm_ray.layout import RunLayout
     from dilm_ray.models.generator import build_generator
-    from dilm_ray.precision import resolve
+    from dilm_ray.precision import prepare, resolve
     from dilm_ray.train.runtime import Runtime
 
     start = time.perf_counter()
     predict = reference_classifier(data.train, cfg.seed)
     gen = build_generator(cfg.generator, data.task, str(RunLayout(cfg.run_dir).generator_lm))
     runtime = Runtime(precision=resolve(cfg.precision, cfg.ray.use_gpu))
+    gen.model.requires_grad_(False)
+    prepare(gen.model, runtime.precision, runtime.device)  # held as synthesis holds it (train.synthesize)
     with runtime.autocast():
         samples, _, _ = gen.generate_all(per_label, cfg.generator, torch.Generator().manual_seed(cfg.seed), cfg.synthesize.max_attempts)
     hits = predict(samples) == samples.labels
@@ -130,7 +140,9 @@ def continue_stage1(ctx, previous: Config | None, timer, log) -> None:
     from dilm_ray.tracking.mlflow_store import tracking_uri
 
     stage = BY_NAME["pretrain"]
-    if stage.done(ctx):
+    # done only with its marker: fit_stage copies the generator and then its train_state.pt, and
+    # a folder without a marker counts as done in the pipeline (outputs from before markers)
+    if stage.done(ctx) and (ctx.layout.generator_lm / "stage.json").is_file():
         log(f"[pretrain] {ctx.cfg.pretrain.steps} steps done earlier, skipped")
         return
     source = state = None
@@ -146,16 +158,18 @@ def continue_stage1(ctx, previous: Config | None, timer, log) -> None:
     stage.mark(ctx)
 
 
-def baseline_runs(path: Path, key: str, dpc: int) -> pd.DataFrame:
-    """The baseline record's K-centers and random runs at ``dpc``; ``UserError`` when the
-    record is missing or its runs were scored under another evaluation key than ``key``."""
+def baseline_runs(path: Path, key: str, dpc: int, learner: str) -> pd.DataFrame:
+    """The baseline record's K-centers and random runs of ``learner`` at ``dpc``; ``UserError``
+    when the record is missing, lacks either method, or its runs were scored under another
+    evaluation key than ``key``."""
     if not path.is_file():
         raise UserError(f"--baseline {path}: no such runs.csv")
     runs = pd.read_csv(path, dtype={"eval_key": str, "set_digest": str})
-    runs = runs[runs.method.isin(BASELINES) & (runs.dpc == dpc)]
-    if runs.empty:
-        raise UserError(f"--baseline {path}: no {' or '.join(BASELINES)} runs at DPC {dpc}")
-    other = sorted(set(runs.eval_key) - {key})
+    runs = runs[runs.method.isin(BASELINES) & (runs.dpc == dpc) & (runs.learner == learner)]
+    missing = [b for b in BASELINES if b not in set(runs.method)]
+    if missing:
+        raise UserError(f"--baseline {path}: no {' or '.join(missing)} runs of {learner} at DPC {dpc}")
+    other = sorted(set(runs.eval_key.astype(str)) - {key})
     if other:
         raise UserError(f"--baseline {path}: its runs were scored under evaluation key {other[0]}, this config's runs get {key} "
                         "(another learner, protocol, precision or validation rows): not comparable")
@@ -167,7 +181,7 @@ def run_point(config: str, overrides: list[str], steps: int, sets: int, dpc: int
     """Run (or resume) the point at ``steps``; returns its config and its ``point.json`` row."""
     from dilm_ray.data import load_data
     from dilm_ray.evaluation.job import eval_key, protocol_config
-    from dilm_ray.pipeline.base import Context, check_inputs
+    from dilm_ray.pipeline.base import Context, check_inputs, distill_key, synthesize_key
     from dilm_ray.pipeline.evaluate import evaluate_and_report
     from dilm_ray.pipeline.record import fingerprint
     from dilm_ray.pipeline.table import run_stages
@@ -183,26 +197,32 @@ def run_point(config: str, overrides: list[str], steps: int, sets: int, dpc: int
     cfg = load_config(config, [*overrides, *point_overrides(base.name, steps, warmup_steps(base), sets, dpc)])
     out = record / f"point{steps}"
     done = out / POINT_FILE
-    if done.is_file():
-        row = json.loads(done.read_text())
-        if row.get("sets") == sets:
-            log(f"[point {steps}] done earlier ({out}), skipped")
-            return cfg, row
-    code = commit()
     setup_torch(cfg)
     check_inputs(cfg)
     data = load_data(cfg)
     key = eval_key(protocol_config(cfg, "dilm"), data.task, data.validation, cfg.learner.model)
-    baseline_runs(baseline, key, dpc)  # refuse before hours of training, not after
+    # what the point's numbers depend on: its stages' keys (the train rows, both models, stages 1-3),
+    # the evaluation key (protocol, validation rows, precision), the DPC and the fidelity sample size
+    asked = {"sets_key": synthesize_key(distill_key)(cfg), "eval_key": key, "dpc": dpc, "per_label": per_label}
+    if done.is_file():
+        row = json.loads(done.read_text())
+        if row.get("asked") != asked:
+            raise UserError(f"{done} was made with other settings (stage or evaluation keys, --dpc or --per-label): "
+                            "use another --record folder, or the settings it was made with")
+        if row["sets"] >= sets:
+            log(f"[point {steps}] done earlier ({out}), skipped")
+            return cfg, row
+    code = commit()
+    baseline_runs(baseline, key, dpc, cfg.learner.model)  # refuse before hours of training, not after
     layout_dir = Path(cfg.run_dir)
     timer = StageTimer(layout_dir / "timing.json")
     log(f"[point {steps}] {cfg.name}: stage 1 to {steps} steps, stage 2, {sets} sets per method at DPC {dpc}")
     with mlflow_run(cfg, "scaling", layout_dir / "mlflow-runs.json", resume=True) as run_id:
         ctx = Context(cfg, data, METHODS, run_id, resume=True)
         continue_stage1(ctx, previous, timer, log)
-        fid_file = layout_dir / "lm_only_fidelity.json"
+        fid_file = layout_dir / f"lm_only_fidelity-{per_label}.json"
         if not fid_file.is_file():
-            fid_file.write_text(json.dumps(lm_only_fidelity(cfg, data, per_label)) + "\n")
+            write_json(fid_file, lm_only_fidelity(cfg, data, per_label))
         lm_only = json.loads(fid_file.read_text())
         log(f"[point {steps}] LM-only label fidelity {100 * lm_only['lm_only_fidelity']:.1f}% of {lm_only['lm_only_rows']} samples")
         run_stages(ctx, timer, log)
@@ -216,13 +236,21 @@ def run_point(config: str, overrides: list[str], steps: int, sets: int, dpc: int
             shutil.copyfile(path, target)
     shutil.copyfile(results / "table.md", out / "table.md")
     (out / "fingerprint.json").write_text(json.dumps(fingerprint(cfg, ctx.layout, report.runs, code), indent=1) + "\n")
-    report.runs.assign(steps=steps).to_csv(out / "runs.csv", index=False)
+    # runs.csv may keep rows of more sets made earlier (a later point added): this point's sets only
+    report.runs[report.runs["set_index"] < sets].assign(steps=steps).to_csv(out / "runs.csv", index=False)
     fidelity = {r.method: r.label_fidelity for r in report.table.itertuples()}
     stage_seconds = {f"seconds_{k}": v for k, v in timer.seconds.items()}
-    row = {"steps": steps, "sets": sets, "dpc": dpc, "commit": code, "config": cfg.name, **lm_only,
+    row = {"steps": steps, "sets": sets, "dpc": dpc, "commit": code, "config": cfg.name, "asked": asked, **lm_only,
            **{f"{m}_fidelity": fidelity.get(m) for m in METHODS}, **stage_seconds}
-    done.write_text(json.dumps(row, indent=1) + "\n")
+    write_json(done, row)
     return cfg, row
+
+
+def write_json(path: Path, value: dict) -> None:
+    """``value`` as JSON at ``path``, whole or not at all (a kill mid-write leaves the old file or none)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    tmp.replace(path)
 
 
 # ---- the record ------------------------------------------------------------------------------------
@@ -237,8 +265,11 @@ def summarize(record: Path, baseline: Path) -> tuple[pd.DataFrame, pd.DataFrame]
     if not rows:
         return pd.DataFrame(), pd.DataFrame()
     runs = pd.concat([pd.read_csv(p.parent / "runs.csv", dtype={"eval_key": str, "set_digest": str}) for p in sorted(record.glob(f"point*/{POINT_FILE}"))])
-    base = pd.read_csv(baseline, dtype={"eval_key": str, "set_digest": str})
     dpc = rows[0]["dpc"]
+    learners, keys = set(runs.learner), set(runs.eval_key.astype(str))
+    if len(learners) != 1 or len(keys) != 1:
+        raise UserError(f"{record}: its points were scored by {len(learners)} learners under {len(keys)} evaluation keys: not one study")
+    base = baseline_runs(baseline, keys.pop(), dpc, learners.pop())
     reference = {b: 100 * base[(base.method == b) & (base.dpc == dpc)].groupby("set_index").score.mean().to_numpy() for b in BASELINES}
     for row in rows:
         part = runs[runs.steps == row["steps"]]
@@ -270,10 +301,9 @@ def reading(points: pd.DataFrame) -> list[str]:
             level = float(points["k_centers_mean"].iloc[0])
             found = crossing(fit, level)
             text += f" Crossing K-centers ({level:.1f}): " + (f"at about {found:,.0f} steps" if found else "never, at this slope")
-            if found and not math.isnan(fit["slope_se"]) and fit["slope"] - fit["slope_se"] > 0:
-                low = crossing({**fit, "slope": fit["slope"] + fit["slope_se"]}, level)
-                high = crossing({**fit, "slope": fit["slope"] - fit["slope_se"]}, level)
-                text += f" (slope ± 1 SE: {low:,.0f} to {high:,.0f})"
+            if found and not math.isnan(fit["slope_se"]):
+                ends = [crossing(fit, level, fit["slope"] + sign * fit["slope_se"]) for sign in (1, -1)]
+                text += " (slope ± 1 SE, turned about the data's centre: " + " to ".join("never" if e is None else f"{e:,.0f}" for e in ends) + ")"
             text += "."
         lines.append(text)
     return lines
@@ -288,14 +318,15 @@ def plot(points: pd.DataFrame, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for column, label in (("lm_only_fidelity", "LM-only"), ("dilm_fidelity", "DiLM"), ("dilm_filtered_fidelity", "DiLM + label filter")):
         left.plot(points.steps, 100 * points[column], marker="o", label=label)
-    left.axhline(50, color="grey", ls=":", label="chance")
+    left.axhline(100 / len(points.lm_only_fidelity_per_label.iloc[0]), color="grey", ls=":", label="chance")
     left.set(xscale="log", xlabel="stage-1 LM steps (log)", ylabel="label fidelity (%)", title="Does the text follow its label?")
     for method, label in (("dilm", "DiLM"), ("dilm_filtered", "DiLM + label filter")):
         right.errorbar(points.steps, points[f"{method}_mean"], yerr=points[f"{method}_std"], marker="o", capsize=3, label=label)
     for b, style in zip(BASELINES, ("--", ":")):
         right.axhline(float(points[f"{b}_mean"].iloc[0]), color="black", ls=style, label=f"{b} (record)")
-    right.set(xscale="log", xlabel="stage-1 LM steps (log)", ylabel="mean of accuracy and F1 (%)", title="Score at DPC 10 (mean ± std over sets)")
+    right.set(xscale="log", xlabel="stage-1 LM steps (log)", ylabel="score (%; QQP: mean of accuracy and F1)", title=f"Score at DPC {int(points.dpc.iloc[0])} (mean ± std over sets)")
     for ax in (left, right):
+        ax.minorticks_off()
         ax.set_xticks(list(points.steps), [str(s) for s in points.steps])
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -314,7 +345,7 @@ def write_report(record: Path, baseline: Path, commands: list[str]) -> str:
     runs.to_csv(record / "runs.csv", index=False)
     plot(points, record / "scaling.png")
     header = ("| LM steps | sets | fidelity % LM-only / DiLM / DiLM + filter | DiLM (mean ± std) | p vs K-centers / random | "
-              "DiLM + filter | p vs K-centers / random | stage-1 min (this point's steps) |")
+              "DiLM + filter | p vs K-centers / random | stage-1 min (continuing the previous point) |")
     lines = [header, "|" + "---|" * 8]
     for r in points.itertuples():
         lines.append(

@@ -19,28 +19,39 @@ def test_the_warmup_is_the_profiles_at_every_point_and_the_fit_reads_log_steps()
         assert int(steps * ratio) == (24 if steps > 7 else 3)
     fit = scaling.log_fit([480, 960, 1920, 3840], [50.0, 52.0, 54.5, 55.5])
     assert fit["slope"] == pytest.approx(1.9) and fit["slope_se"] == pytest.approx(0.2121, abs=1e-3)  # sqrt(0.45 / 2 / 5)
-    assert scaling.crossing(fit, 56.0) == pytest.approx(2 ** ((56.0 - fit["intercept"]) / 1.9))
-    assert scaling.crossing({**fit, "slope": -0.5}, 56.0) is None  # a falling curve never crosses
+    # centre: log2(480) + 1.5, mean 53; 56 is 3 / 1.9 doublings further
+    assert scaling.crossing(fit, 56.0) == pytest.approx(480 * 2 ** (1.5 + 3 / 1.9))
+    # the SE range turns the line about that centre: it brackets the crossing closely, not from 1 step
+    low, high = (scaling.crossing(fit, 56.0, 1.9 + d) for d in (0.2121, -0.2121))
+    assert 3500 < low < scaling.crossing(fit, 56.0) < high < 4800
+    assert scaling.crossing(fit, 56.0, -0.5) is None and scaling.crossing(fit, 56.0, 1e-4) == float("inf")  # falling; beyond float range
     assert np.isnan(scaling.log_fit([480, 960], [50.0, 51.0])["slope_se"]) and scaling.log_fit([480], [50.0]) is None
+    assert scaling.log_fit([480, 960, 1920], [50.0, float("nan"), 52.0])["slope"] == pytest.approx(1.0)  # a missing value is left out
 
 
-def test_a_stage_1_run_continued_from_its_state_is_the_longer_run(tiny_lm_dir, toy_data_dir, tmp_path):
+@pytest.mark.parametrize("precision, layers", [("fp32", "null"), ("bf16", "1")])
+def test_a_stage_1_run_continued_from_its_state_is_the_longer_run(tiny_lm_dir, toy_data_dir, tmp_path, precision, layers):
+    """Also with the top layer and the label rows training in fp32 while the frozen layers and
+    the saved embedding are held in bf16 (the bench profiles)."""
     from dilm_ray.config import load_config
     from dilm_ray.data import load_data
     from dilm_ray.models.generator import build_generator
     from dilm_ray.train.pretrain import pretrain
+    from dilm_ray.train.runtime import Runtime
     from dilm_ray.train.state import TrainState
+
+    runtime = Runtime(precision=precision)
 
     def cfg_at(steps):  # constant lr after 1 warm-up step, as scaling.point_overrides makes it
         return load_config("configs/sst2-cpu.yaml", [f"data.path={toy_data_dir}", f"generator.model={tiny_lm_dir}", "generator.max_length=12",
-                                                     "generator.train_top_layers=null", "pretrain.batch_size=8", f"pretrain.steps={steps}",
+                                                     f"generator.train_top_layers={layers}", "pretrain.batch_size=8", f"pretrain.steps={steps}",
                                                      "pretrain.scheduler=constant", f"pretrain.warmup_ratio={1.5 / steps}", "threads=1"])
 
     long_cfg, short_cfg = cfg_at(6), cfg_at(3)
     data = load_data(long_cfg, need_validation=False)
     torch.manual_seed(0)
     straight = build_generator(long_cfg.generator, data.task)
-    pretrain(straight, data.train, long_cfg.pretrain, long_cfg.generator, long_cfg.seed)
+    pretrain(straight, data.train, long_cfg.pretrain, long_cfg.generator, long_cfg.seed, runtime)
 
     saved = {}
 
@@ -49,14 +60,16 @@ def test_a_stage_1_run_continued_from_its_state_is_the_longer_run(tiny_lm_dir, t
 
     torch.manual_seed(0)
     first = build_generator(short_cfg.generator, data.task)
-    pretrain(first, data.train, short_cfg.pretrain, short_cfg.generator, short_cfg.seed, on_step=keep)
+    pretrain(first, data.train, short_cfg.pretrain, short_cfg.generator, short_cfg.seed, runtime, on_step=keep)
     first.save(tmp_path / "g")
     saved["state"].save(tmp_path / "state.pt")
     continued = build_generator(long_cfg.generator, data.task, str(tmp_path / "g"))
-    end = pretrain(continued, data.train, long_cfg.pretrain, long_cfg.generator, long_cfg.seed, state=TrainState.load(tmp_path / "state.pt"))
+    end = pretrain(continued, data.train, long_cfg.pretrain, long_cfg.generator, long_cfg.seed, runtime, state=TrainState.load(tmp_path / "state.pt"))
     assert end.step == 6
     for (name, a), b in zip(straight.model.state_dict().items(), continued.model.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    if straight.label_rows is not None:  # the fp32 master rows, not their bf16 copy in the table
+        torch.testing.assert_close(continued.label_rows, straight.label_rows, rtol=1e-6, atol=1e-7)
     moved = sum(float((a - b).abs().max()) for a, b in zip(straight.model.state_dict().values(), first.model.state_dict().values()))
     assert moved > 0  # steps 4-6 changed the weights: the comparison above is not vacuous
 
@@ -79,21 +92,20 @@ def test_the_study_resumes_a_point_interrupted_in_its_evaluation(tiny_overrides,
     record = tmp_path / "record"
     args = ["run", "configs/sst2-cpu.yaml", *overrides, "--points", "2,4", "--sets", "2", "--last-sets", "2", "--dpc", "2", "--per-label", "4",
             "--record", str(record), "--baseline", str(baseline)]
-    real, calls = evaluate.evaluate_and_report, []
+    real, calls = evaluate.run_job, []
 
-    def interrupted_at_the_second_point(*a, **kw):
+    def interrupted_at_the_second_point(*a, **kw):  # point 2 has 4 runs: stop in point 4's second
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 6:
             raise KeyboardInterrupt("SIGTERM")
         return real(*a, **kw)
 
     with monkeypatch.context() as patch:
-        patch.setattr(evaluate, "evaluate_and_report", interrupted_at_the_second_point)
-        first = CliRunner().invoke(scaling.main, args)
+        patch.setattr(evaluate, "run_job", interrupted_at_the_second_point)
+        first = CliRunner().invoke(scaling.main, [*args, "evaluate.parallel=false"])
     assert first.exit_code != 0 and "interrupted" in first.output, first.output
     assert (record / "point2" / "point.json").is_file() and not (record / "point4" / "point.json").exists()
     assert "[pretrain] continuing" in first.output
-    point2 = tmp_path / "runs" / "t-scaling2"
     state = torch.load(tmp_path / "runs" / "t-scaling4" / "generator-lm" / "train_state.pt", weights_only=False)
     assert state["step"] == 4 and state["extra"]["continued_from"] == [2]  # point 4 continued point 2's run
 
@@ -101,13 +113,13 @@ def test_the_study_resumes_a_point_interrupted_in_its_evaluation(tiny_overrides,
     assert second.exit_code == 0, second.output + repr(second.exception)
     assert "[point 2] done earlier" in second.output and "[pretrain] 4 steps done earlier" in second.output
     assert "[distill] done earlier" in second.output and "[synthesize_dilm] done earlier" in second.output
+    assert "1 of 4 runs done earlier" in second.output  # the run finished before the interrupt is kept
     points = pd.read_csv(record / "points.csv")
     assert list(points.steps) == [2, 4] and list(points.dilm_runs) == [2, 2] and (points.k_centers_runs == 3).all()
     assert points.dilm_p_vs_k_centers.notna().all()
     assert len(pd.read_csv(record / "runs.csv")) == 8  # 2 points x 2 methods x 2 sets, none repeated
     assert (record / "scaling.png").stat().st_size > 0 and "per doubling of LM steps" in (record / "table.md").read_text()
     assert json.loads((record / "point4" / "fingerprint.json").read_text())["stages"]["pretrain"]["weights"]
-    assert point2.is_dir()
 
     mismatched = baseline.read_text().replace(key, "0" * 16)
     baseline.write_text(mismatched)

@@ -75,8 +75,7 @@ def test_power_follows_the_normal_approximation_of_the_stratified_lead():
     power4, sets4 = stratified_power([(a, b)] * 4)  # four seeds alike: se halves, a quarter of the sets
     assert power4 == pytest.approx(0.9793, abs=1e-3) and sets4 == pytest.approx(sets / 4, rel=1e-9)
     assert stratified_power([(b + 1.0, b)])[1] == pytest.approx(sets)  # equal variances: the same plan
-    with pytest.raises(ValueError):
-        stratified_power([(a[:1], b)])
+    assert all(np.isnan(stratified_power([(a[:1], b)])))  # herding's one set: no variance to plan with
 
 
 def _run_folder(tmp_path: Path, seed: int, dilm_bonus: float) -> Path:

@@ -78,13 +78,13 @@ def stratified_power(strata: Sequence[tuple[Sequence[float], Sequence[float]]], 
     ``se^2 = sum_s (var(a_s)/|a_s| + var(b_s)/|b_s|) / S^2``. ``power``: the chance of a
     two-sided p < ``alpha`` at these sizes; ``sets``: the sets per method per stratum at which
     that chance reaches ``target`` (inf for a zero lead). A post-hoc figure for planning, not a
-    test: it takes the observed lead at face value. Raises ValueError when a side of a stratum
-    has fewer than 2 values (no variance to plan with).
+    test: it takes the observed lead at face value. (NaN, NaN) when a side of a stratum has
+    fewer than 2 values (no variance to plan with), as ``welch_p`` gives NaN.
     """
     from statistics import NormalDist
 
     if not strata or any(len(a) < 2 or len(b) < 2 for a, b in strata):
-        raise ValueError("power needs 2+ values on each side of every stratum")
+        return float("nan"), float("nan")
     n = NormalDist()
     lead = float(np.mean([np.mean(a) - np.mean(b) for a, b in strata]))
     var = sum(np.var(a, ddof=1) / len(a) + np.var(b, ddof=1) / len(b) for a, b in strata) / len(strata) ** 2

@@ -46,9 +46,10 @@ def set_up_loop(
 
     ``seed`` draws the LoRA adapters, unoffset, so every worker starts from the same ones;
     ``rng_seed`` (the caller offsets it by rank) seeds the numpy RNG of a fresh state. A resumed
-    ``state`` brings its adapters (``extra["adapter"]``), optimizer and scheduler state dicts and
-    RNG state. With adapters, the state's ``extra["adapter"]`` is set to the current ones: saved
-    with every checkpoint, as the generator folder holds them merged. Raises ValueError as
+    ``state`` brings its adapters (``extra["adapter"]``), its fp32 label-token rows
+    (``extra["label_rows"]``), optimizer and scheduler state dicts and RNG state. With adapters
+    (label rows), the state's ``extra["adapter"]`` (``extra["label_rows"]``) is set to the current
+    ones: saved with every checkpoint, as the generator folder holds them merged (rounded). Raises ValueError as
     ``set_trainable`` does.
     """
     adapter = state.extra.get("adapter") if state else None
@@ -59,9 +60,17 @@ def set_up_loop(
     # DistillConfig has no schedule keys: stage 2 trains at a constant lr
     kind, warmup = (cfg.scheduler, cfg.warmup_ratio) if isinstance(cfg, PretrainConfig) else ("constant", 0.0)
     scheduler = schedule(optimizer, kind, cfg.steps, warmup)
+    if state is not None and gen.label_rows is not None and "label_rows" in state.extra:
+        # the fp32 master rows: the saved generator holds them rounded to its embedding's dtype
+        # (bf16 where frozen layers are held in bf16), which would move each row by up to half a
+        # bf16 step, about one AdamW step, at every resume
+        with torch.no_grad():
+            gen.label_rows.copy_(state.extra["label_rows"].to(gen.label_rows.device))
     state = state or TrainState(step=0, rng=np.random.default_rng(rng_seed).bit_generator.state)
     if gen.adapted:
         state.extra["adapter"] = gen.adapter_state()
+    if gen.label_rows is not None:
+        state.extra["label_rows"] = gen.label_rows.detach()  # live, as the adapters: saved with every checkpoint
     state.restore_optim(optimizer, scheduler)
     rng = np.random.default_rng()
     rng.bit_generator.state = state.rng
