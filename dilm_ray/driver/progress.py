@@ -74,9 +74,13 @@ def follow(handle: Any, desc: str, total: int) -> Iterator[None]:
 
     bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
     done = threading.Event()
+    pending: list = []  # a take() not answered in time: waited on again, as its lines are taken off the board
 
     def draw() -> None:
-        step, postfix, lines = ray.get(handle.take.remote(), timeout=POLL_SECONDS * 4)
+        if not pending:
+            pending.append(handle.take.remote())
+        step, postfix, lines = ray.get(pending[0], timeout=POLL_SECONDS * 4)
+        pending.clear()
         for line in lines:
             bar.write(line)
         if step is not None and step != bar.n:
@@ -89,6 +93,11 @@ def follow(handle: Any, desc: str, total: int) -> Iterator[None]:
         while not done.wait(POLL_SECONDS):
             try:
                 draw()
+            except ray.exceptions.GetTimeoutError:
+                # a busy machine (2 cores, the Train worker using both) can delay an answer past
+                # the timeout: draw on. Ending here left a stage-2 bar at 0/60 and its metric lines
+                # unprinted for the rest of the stage.
+                continue
             except Exception:  # the actor or Ray going away ends the drawing, never the stage
                 return
 
