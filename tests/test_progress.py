@@ -3,8 +3,6 @@
 import threading
 
 
-
-
 class _Board:
     """Stands in for the ProgressBoard actor: ``take.remote()`` returns a ticket for ``ray.get``."""
 
