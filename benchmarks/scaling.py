@@ -261,10 +261,11 @@ def summarize(record: Path, baseline: Path) -> tuple[pd.DataFrame, pd.DataFrame]
     std, runs and Welch p against each baseline (on per-set means, in %), and every run."""
     from dilm_ray.evaluation.stats import welch_p
 
-    rows = [json.loads(p.read_text()) for p in sorted(record.glob(f"point*/{POINT_FILE}"))]
+    files = sorted(record.glob(f"point*/{POINT_FILE}"))
+    rows = [json.loads(p.read_text()) for p in files]
     if not rows:
         return pd.DataFrame(), pd.DataFrame()
-    runs = pd.concat([pd.read_csv(p.parent / "runs.csv", dtype={"eval_key": str, "set_digest": str}) for p in sorted(record.glob(f"point*/{POINT_FILE}"))])
+    runs = pd.concat([pd.read_csv(p.parent / "runs.csv", dtype={"eval_key": str, "set_digest": str}) for p in files])
     dpc = rows[0]["dpc"]
     learners, keys = set(runs.learner), set(runs.eval_key.astype(str))
     if len(learners) != 1 or len(keys) != 1:

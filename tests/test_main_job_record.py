@@ -113,7 +113,9 @@ def test_record_then_report_over_seeds(tmp_path):
     lead = np.mean([100 * (r[r.method == "dilm"].score.mean() - r[r.method == "random"].score.mean()) for r in runs.values()])
     assert f"| random | {lead:+.1f} | 3 of 3 | 5e-05 |" in summary  # ahead at every seed: no permutation beats the observed lead
     assert "| k_centers |" in summary and "| random | 43 | 4, 4 |" in summary
-    assert "power at p < 0.05" in summary
+    sets = lambda r, m: 100 * r[r.method == m].groupby("set_index").score.mean().to_numpy()  # noqa: E731
+    power, needed = stratified_power([(sets(r, "dilm"), sets(r, "random")) for r in runs.values()])
+    assert f"| random | {lead:+.1f} | 3 of 3 | 5e-05 | {power:.2f} | {needed:.0f} |" in summary  # the report prints the plan it computes
 
 
 def test_recording_an_unfinished_run_fails_naming_what_is_missing(tmp_path):
