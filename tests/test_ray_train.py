@@ -1,15 +1,15 @@
 """Stages 1-2 on a local Ray with 2 CPUs: 2 workers, and recovery after a worker is killed."""
 
 import json
-import os
 import signal
-import tempfile
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from dilm_ray.config import load_config
+from dilm_ray.data import load_data
 from dilm_ray.train.state import TrainState
 
 pytestmark = pytest.mark.integration
@@ -20,10 +20,21 @@ def test_two_workers_pretrain_then_distill(ray_2_cpus, tiny_overrides):
 
     cfg = load_config("configs/sst2-cpu.yaml", tiny_overrides + ["ray.num_workers=2", "ray.cpus_per_worker=0.9", "pretrain.checkpoint_every=2"])
     lm = fit_stage(cfg, "pretrain")
-    assert (lm / "config.json").is_file() and TrainState.load(lm / "train_state.pt").step == 3
+    pre = TrainState.load(lm / "train_state.pt")
+    assert (lm / "config.json").is_file() and pre.step == 3
+    # rank 0 saves the state; it holds each rank's RNG as that rank left it (its stage-1 batch
+    # draws replayed here), so that a resumed rank 1 goes on with its own draws, not rank 0's
+    n = len(load_data(cfg, need_validation=False).train)
+    for rank, saved in enumerate(pre.extra["rank_rngs"]):
+        rng = np.random.default_rng(cfg.seed + rank)
+        for _ in range(3):
+            rng.choice(np.arange(rank, n, 2), size=cfg.pretrain.batch_size // 2, replace=False)
+        assert saved == rng.bit_generator.state
+    assert len(pre.extra["rank_rngs"]) == 2 and pre.rng == pre.extra["rank_rngs"][0]
     dilm = fit_stage(cfg, "distill", source=str(lm))
     state = TrainState.load(dilm / "train_state.pt")
     assert state.step == cfg.distill.steps and "resumed_from" not in state.extra
+    assert len(state.extra["rank_rngs"]) == 2 and state.extra["rank_rngs"][0] != state.extra["rank_rngs"][1]
 
 
 def _train_worker_processes():

@@ -2,8 +2,8 @@
 
 Workers share the generator through averaged gradients (gloo on CPU, nccl on GPU); each has
 its own data shard, learner and synthetic pool (seeds offset by rank). Rank 0 checkpoints the
-generator with the loop state at the first step past each multiple of ``checkpoint_every``
-(``crossed``); a restarted worker group
+generator with the loop state, which holds every rank's RNG state (``rank_rngs``), at the first
+step past each multiple of ``checkpoint_every`` (``crossed``); a restarted worker group
 (``ray.max_failures``) or a new invocation with ``resume=True`` continues from the latest one.
 """
 
@@ -130,6 +130,8 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         if not (save or metrics):
             return
         report = {"step": st.step, **metrics}
+        if save:  # every rank's RNG, so that each resumes its own draws (rank 0 alone saves the state)
+            st.extra["rank_rngs"] = runtime.gather_objects(st.rng)
         if save and runtime.is_main:
             out = Path(tempfile.mkdtemp(prefix="ckpt-", dir=local))
             gen.save(out / "generator")

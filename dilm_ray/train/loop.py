@@ -3,7 +3,7 @@ trains, its precision, AdamW and its schedule, and the loop state, fresh or resu
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -45,7 +45,8 @@ def set_up_loop(
     follows ``cfg.scheduler`` after ``cfg.warmup_ratio`` warmup, stage 2's is constant.
 
     ``seed`` draws the LoRA adapters, unoffset, so every worker starts from the same ones;
-    ``rng_seed`` (the caller offsets it by rank) seeds the numpy RNG of a fresh state. A resumed
+    ``rng_seed`` (the caller offsets it by rank) seeds the numpy RNG of a fresh state; a resumed
+    one continues this rank's (``rank_rng_state``). A resumed
     ``state`` brings its adapters (``extra["adapter"]``), its fp32 label-token rows
     (``extra["label_rows"]``), optimizer and scheduler state dicts and RNG state. With adapters
     (label rows), the state's ``extra["adapter"]`` (``extra["label_rows"]``) is set to the current
@@ -66,6 +67,7 @@ def set_up_loop(
         # bf16 step, about one AdamW step, at every resume
         with torch.no_grad():
             gen.label_rows.copy_(state.extra["label_rows"].to(gen.label_rows.device))
+    resumed = state is not None
     state = state or TrainState(step=0, rng=np.random.default_rng(rng_seed).bit_generator.state)
     if gen.adapted:
         state.extra["adapter"] = gen.adapter_state()
@@ -73,5 +75,24 @@ def set_up_loop(
         state.extra["label_rows"] = gen.label_rows.detach()  # live, as the adapters: saved with every checkpoint
     state.restore_optim(optimizer, scheduler)
     rng = np.random.default_rng()
-    rng.bit_generator.state = state.rng
+    rng.bit_generator.state = rank_rng_state(state, runtime, rng_seed) if resumed else state.rng
     return LoopSetup(params, optimizer, scheduler, state, rng)
+
+
+def rank_rng_state(state: TrainState, runtime: Runtime, rng_seed: int) -> dict[str, Any]:
+    """The numpy ``bit_generator.state`` this rank continues from ``state``.
+
+    Only rank 0 saves the state, so ``state.rng`` is rank 0's; checkpoints also carry every
+    rank's in ``extra["rank_rngs"]`` (indexed by rank, gathered at each save by the Ray
+    worker). This rank takes its own from there, so each worker draws after a resume what it
+    would have drawn without one. Resumed with another worker count than the run that saved it,
+    every rank starts a stream of its own from ``[rng_seed, state.step]`` (the shards differ
+    anyway); from a checkpoint made before ``rank_rngs``, rank 0 goes on with ``state.rng`` and
+    every other rank starts its own, so that no rank repeats rank 0's draws.
+    """
+    saved = state.extra.get("rank_rngs")
+    if saved is not None and len(saved) == runtime.world_size:
+        return saved[runtime.rank]
+    if runtime.rank == 0 and saved is None:
+        return state.rng
+    return np.random.default_rng([rng_seed, state.step]).bit_generator.state

@@ -74,6 +74,15 @@ class Runtime:
         """A ``GradientSync`` of ``params`` over this runtime's workers (a no-op alone)."""
         return GradientSync(params, self, bucket_bytes)
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """``obj`` of every worker, indexed by rank (``torch.distributed.all_gather_object``:
+        pickled, so any picklable value); ``[obj]`` alone. Every worker must call it."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def mean_metrics(self, values: dict[str, float | torch.Tensor]) -> dict[str, float]:
         """Each value's mean over workers, as Python floats: one float64 all-reduce of them all,
         on ``device``, and one transfer to the host. Values: floats or 0-dim tensors (any
