@@ -10,7 +10,8 @@ test: setup
 	scripts/hermetic.sh .venv/bin/python -m pytest -q -m "not slow"
 
 # The tests marked slow: every shipped CPU config through tune and run with the packaged models
-# (each over 15 min on a 2-core AVX2 CPU), and the SST-2 and QQP paper configs on stand-ins.
+# (each over 15 min on a 2-core AVX2 CPU), the paper configs on stand-ins, and tests whose promise
+# another in make test guards too (a 4-trial ASHA sweep, an evaluation's node kill, benchmarks').
 test-slow: setup
 	.venv/bin/python -m pytest -q -m slow
 

@@ -93,6 +93,7 @@ def test_benchmark_writes_tables_and_resumes_without_repeating(tiny_overrides, t
     assert "differs from the set recorded" in last and key in last
 
 
+@pytest.mark.slow  # 27 s; the benchmark's resume stays in make test
 def test_benchmark_makes_only_the_sets_of_the_requested_methods(tiny_overrides, tmp_path):
     base = ["configs/bench/sst2.yaml", *tiny_overrides, "evaluate.full_data_samples=null", "--budget", "smoke"]  # sets only, no full-data row
     result = CliRunner().invoke(benchmark_script("glue").main, [*base, "--method", "dilm", "--method", "random"])

@@ -75,6 +75,7 @@ def test_a_stage_1_run_continued_from_its_state_is_the_longer_run(tiny_lm_dir, t
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # 55 s: a benchmark's resume, not the product's (make test-slow)
 def test_the_study_resumes_a_point_interrupted_in_its_evaluation(tiny_overrides, tmp_path, monkeypatch):
     import dilm_ray.pipeline.evaluate as evaluate
     from dilm_ray.config import load_config

@@ -205,6 +205,7 @@ def _rows(csv: Path) -> int:
         return 0
 
 
+@pytest.mark.slow  # 50 s; make test keeps the node kills in a Train stage and in a Tune trial
 def test_evaluation_survives_a_node_kill_with_every_run_once(cluster, mlflow_server, tiny_overrides, tmp_path):
     import mlflow
     import pandas as pd

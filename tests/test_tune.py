@@ -49,6 +49,7 @@ def test_error_reason_is_the_exception_line_without_module_path():
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # 86 s; make test's sweeps: the failing-trials sweep, the shipped MNLI config's, the node-loss trial
 def test_sweep_of_four_trials_with_asha_lands_in_mlflow(tiny_overrides, tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
