@@ -43,7 +43,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_shipped_config_tunes_and_runs_on_its_task(config, models, tmp_path, request):
     repo = REPO
     sized = [
-        f"data.path={_data_path(config, tmp_path, models)}", f"output_dir={tmp_path / 'runs'}", "tracking.enabled=false",
+        f"data.path={_data_path(config, tmp_path, models)}", f"output_dir={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "data.max_train_samples=60", "data.max_validation_samples=30", "data.balanced=true",
         "generator.max_length=12", "learner.max_length=16", "generator.generate_batch_size=64", "distill.learner_batch_size=4",
         "pretrain.steps=2", "pretrain.batch_size=4", "distill.steps=15", "distill.log_every=5",
@@ -66,6 +66,7 @@ def test_shipped_config_tunes_and_runs_on_its_task(config, models, tmp_path, req
     assert {"dilm", "lm_only", "random", "k_centers", "herding"} <= set(table.method)
     # the terminal shows the stages, not Ray's forwarded worker output; the workers' own logs are kept
     assert "(RayTrainWorker" not in ran.stdout + ran.stderr and "Traceback" not in ran.stderr
+    assert "INFO mlflow" not in tuned.stdout + tuned.stderr  # a fresh store: MLflow creates its tables and the experiment
     assert "[distill 5] " in ran.stdout + ran.stderr  # metric lines reach the driver
     assert (run_dir / "logs" / "distill-rank0.log").is_file()
     # the run's fingerprint: a digest per stage, the sets of runs.csv, every run's score, the machine

@@ -15,7 +15,8 @@ from dilm_ray.errors import UserError, first_line
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "TOKENIZERS_PARALLELISM": "false"}
 # transformers' and the hub's per-load bars ("Loading weights", "Writing model shards") say nothing
 # a user acts on; the CLI sets this before transformers is imported (a user's own value wins)
-QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+# set unless the user set them: no hub progress bars, no MLflow INFO lines (creating its tables, an experiment)
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "MLFLOW_LOGGING_LEVEL": "WARNING"}
 
 
 CONNECT_TIMEOUT_S = 5.0  # for probing an asked-for cluster; unprobed, Ray itself retries for minutes
