@@ -13,9 +13,9 @@ from dilm_ray.errors import UserError, first_line
 
 # The Train controller polls workers every 2 s by default, which makes each report() block ~2 s.
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "TOKENIZERS_PARALLELISM": "false"}
-# transformers' and the hub's per-load bars ("Loading weights", "Writing model shards") say nothing
-# a user acts on; the CLI sets this before transformers is imported (a user's own value wins)
-# set unless the user set them: no hub progress bars, no MLflow INFO lines (creating its tables, an experiment)
+# transformers' and the hub's per-load bars ("Loading weights", "Writing model shards") and MLflow's
+# INFO lines (creating its tables, an experiment) say nothing a user acts on; the CLI sets these
+# before transformers and mlflow are imported (a user's own value wins)
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "MLFLOW_LOGGING_LEVEL": "WARNING"}
 
 
