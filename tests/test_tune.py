@@ -26,11 +26,14 @@ def test_ranking_lists_every_trial_scored_first_failed_last():
     ]
     table = ranked_table(outcomes, ["distill.lr"], "accuracy", "max")
     assert list(table.columns) == ["trial_id", "status", "accuracy", "runs", "minutes", "distill.lr", "reason"]
-    assert list(table.trial_id) == ["b", "a", "x"] and list(table.minutes) == [5.0, 2.0, 2.0]
-    assert list(ranked_table(outcomes, ["distill.lr"], "accuracy", "min").trial_id) == ["a", "b", "x"]
+    # the FINISHED trial's 3 runs outrank the STOPPED trial's better single run
+    assert list(table.trial_id) == ["a", "b", "x"] and list(table.minutes) == [2.0, 5.0, 2.0]
+    more = outcomes + [_outcome("c", "FINISHED", 0.65), _outcome("d", "STOPPED", 0.5, sets=2)]
+    assert list(ranked_table(more, ["distill.lr"], "accuracy", "max").trial_id) == ["c", "a", "d", "b", "x"]
+    assert list(ranked_table(more, ["distill.lr"], "accuracy", "min").trial_id) == ["a", "c", "d", "b", "x"]
     md = to_markdown(table).splitlines()
     assert md[0] == "| rank | trial | status | accuracy | runs | minutes | distill.lr | reason |"
-    assert md[2] == "| 1 | b | STOPPED | 0.7 | 1 | 5 | 3e-06 |  |"  # learning rates stay readable
+    assert md[3] == "| 2 | b | STOPPED | 0.7 | 1 | 5 | 3e-06 |  |"  # learning rates stay readable
     assert md[4] == "| - | x | ERROR |  | 0 | 2 | 1e-05 | GenerationError: stage distill: only 0/20 well-formed samples |"
     # no failure: no reason column
     assert "reason" not in to_markdown(ranked_table(outcomes[:1], ["distill.lr"], "accuracy", "max"))

@@ -317,8 +317,9 @@ def error_reason(error: BaseException | None, trace: str | None) -> str:
 
 
 def ranked_table(outcomes: list[TrialOutcome], keys: list[str], metric: str, mode: str) -> pd.DataFrame:
-    """Every trial: scored ones (FINISHED, STOPPED) best first, then the failed ones with their
-    reason; searched values and wall time (quality per hour is the aim)."""
+    """Every trial: scored ones best first, those with the most evaluation runs (FINISHED) ahead of
+    those ASHA stopped earlier (STOPPED), then the failed ones with their reason; searched values
+    and wall time (quality per hour is the aim). ``best.yaml`` is the first row's config."""
     rows = [
         {"trial_id": o.trial_id, "status": o.status, metric: o.metrics.get(metric, np.nan), "runs": o.metrics.get("runs", 0),
          "minutes": o.minutes, **{k: o.params.get(k) for k in keys}, "reason": o.reason}
@@ -326,7 +327,10 @@ def ranked_table(outcomes: list[TrialOutcome], keys: list[str], metric: str, mod
     ]
     table = pd.DataFrame(rows, columns=["trial_id", "status", metric, "runs", "minutes", *keys, "reason"])
     failed = table["status"] == "ERROR"
+    # equal evidence first: a trial ASHA stopped lost at its rung to those that went on, so a
+    # score from fewer runs never outranks a FINISHED trial's (stable sort: runs, then metric)
     scored = table[~failed].sort_values(metric, ascending=mode == "min", na_position="last")
+    scored = scored.sort_values("runs", ascending=False, kind="stable")
     return pd.concat([scored, table[failed]]).reset_index(drop=True)
 
 
