@@ -271,3 +271,23 @@ def test_an_lm_that_reads_across_packed_samples_is_padded_instead(long_gen, monk
         packed = gen.lm_losses(data)
         gen.packing = False
         torch.testing.assert_close(packed, gen.lm_losses(data))
+
+
+def test_label_rows_gradient_is_the_same_every_time_on_two_threads(long_gen):
+    """Stage 1 on 2+ threads repeats bit for bit: the label rows' gradient, summed over the many
+    positions that share a row, does not depend on the threads' order (indexing's backward
+    accumulated with atomic adds, so one step's gradient took ~10 values in 20 runs)."""
+    gen, threads = long_gen, torch.get_num_threads()
+    rows = gen.train_label_rows()
+    gen.packing = False  # ~100 padded rows: enough positions for torch to split the work between threads
+    data = _texts(100, seed=2)
+    torch.set_num_threads(2)
+    try:
+        grads = set()
+        for _ in range(10):
+            rows.grad = None
+            gen.lm_losses(data).mean().backward()
+            grads.add(rows.grad.numpy().tobytes())
+    finally:
+        torch.set_num_threads(threads)
+    assert rows.grad.abs().sum() > 0 and len(grads) == 1

@@ -353,7 +353,12 @@ class Generator:
             hits = args[0].unsqueeze(-1) == ids  # [B, T, num_labels]
             if not bool(hits.any()):
                 return out
-            return torch.where(hits.any(-1, keepdim=True), rows[hits.long().argmax(-1)].to(out.dtype), out)
+            # F.embedding, not rows[index]: indexing's backward accumulates the many repeated
+            # indices with atomic adds in any order on 2+ CPU threads (index_put_), so the rows'
+            # gradient, and with it stage 1, changed from run to run in the last bits; the
+            # embedding backward sums each row's hits in index order (measured: 11 distinct
+            # gradients in 20 runs of the same step, against 1)
+            return torch.where(hits.any(-1, keepdim=True), F.embedding(hits.long().argmax(-1), rows).to(out.dtype), out)
 
         embedding.register_forward_hook(hook)
         self.label_rows = rows
