@@ -143,15 +143,15 @@ def test_check_readme_table_names_the_first_stage_that_differs(tmp_path):
     (run / "results" / "fingerprint.json").write_text(json.dumps(fingerprint))
     status, text = check(run, readme, record)
     assert status == 1 and "71.5" in text and "first stage that differs: distill (weights differ)" in text
-    assert "not bit-reproducible" not in text  # only stage 1 carries the thread caveat
+    assert "stage 1" not in text  # only a stage-1 difference is explained
     fingerprint["stages"]["pretrain"]["weights"] = "other"
-    for threads, caveat in ((2, True), (1, False)):
-        fingerprint["threads"] = threads
-        (run / "results" / "fingerprint.json").write_text(json.dumps(fingerprint))
-        recorded = json.loads((record / "fingerprint.json").read_text())
-        (record / "fingerprint.json").write_text(json.dumps({**recorded, "threads": threads}))
+    recorded = json.loads((record / "fingerprint.json").read_text())
+    for change, reason in (({}, "same CPU kind, precision, threads and torch"), ({"threads": 1}, "(threads differs)"),
+                           ({"precision": "bf16", "threads": 1}, "(precision, threads differ)")):
+        (run / "results" / "fingerprint.json").write_text(json.dumps({**fingerprint, "threads": 2, **change}))
+        (record / "fingerprint.json").write_text(json.dumps({**recorded, "threads": 2}))
         status, text = check(run, readme, record)
-        assert "first stage that differs: pretrain" in text and ("not bit-reproducible" in text) == caveat, text
+        assert "first stage that differs: pretrain" in text and reason in text, text
     assert check(tmp_path / "nowhere", readme, record)[0] == 2
 
 
