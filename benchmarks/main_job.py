@@ -1,6 +1,8 @@
 """The main job (``make run``: ``dilm-ray run configs/sst2-cpu.yaml``) as an experiment over seeds.
 
-Each seed's run is recorded under ``benchmarks/results/main-job/seed<N>/``: its ``table.md``,
+Each seed's run is recorded under ``benchmarks/results/main-job/seed<N>/`` (the README's table
+is ``seed42/``; runs of another CPU kind, or made before a change to what the stages compute, go
+to a folder of their own with ``--into``, e.g. ``avx2-fp32/``): its ``table.md``,
 ``runs.csv``, ``timing.md``, ``fingerprint.json`` (the digest of every stage's output, the
 commit, the CPU) and ``record.json`` (date, command). ``report`` compares DiLM with each
 baseline on per-set means (one value per distilled set: the mean over its learner seeds):
