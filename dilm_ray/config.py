@@ -235,7 +235,7 @@ class SearchSpec(_Section):
 
 class TuneConfig(_Section):
     space: dict[str, SearchSpec] = {}
-    num_samples: int = Field(1, ge=1)
+    num_samples: int = Field(1, ge=1, description="samples of the choice and continuous values per grid combination, drawn from the config's seed")
     metric: str = "accuracy"
     mode: Literal["max", "min"] = "max"
     scheduler: Literal["asha", "fifo"] = "asha"

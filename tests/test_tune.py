@@ -39,6 +39,27 @@ def test_ranking_lists_every_trial_scored_first_failed_last():
     assert "reason" not in to_markdown(ranked_table(outcomes[:1], ["distill.lr"], "accuracy", "max"))
 
 
+def test_the_values_a_sweep_tries_come_from_the_config_seed(tmp_path):
+    from ray.tune.experiment import Experiment
+
+    from dilm_ray.commands.tune import search_algorithm, search_space
+    from dilm_ray.config import load_config
+
+    def trials(seed):
+        cfg = load_config("configs/sst2-cpu.yaml", [f"seed={seed}", "tune.num_samples=2", "tune.max_concurrent_trials=4"])
+        algorithm = search_algorithm(cfg)
+        algorithm.add_configurations([Experiment("sweep", lambda config: None, config=search_space(cfg.tune.space),
+                                                num_samples=cfg.tune.num_samples, storage_path=str(tmp_path))])
+        drawn = []
+        while (trial := algorithm.next_trial()) is not None:
+            drawn.append(trial.config)
+        return drawn
+
+    first = trials(42)
+    assert len(first) == 4 and first == trials(42)  # 2 grid points x 2 samples, the same values again
+    assert first != trials(43)
+
+
 def test_error_reason_is_the_exception_line_without_module_path():
     from dilm_ray.commands.tune import error_reason
     from dilm_ray.errors import GenerationError

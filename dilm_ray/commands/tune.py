@@ -38,6 +38,16 @@ def search_space(space: dict[str, SearchSpec]) -> dict[str, Any]:
     return {key: one(spec) for key, spec in space.items()}
 
 
+def search_algorithm(cfg: Config):
+    """Tune's ``BasicVariantGenerator`` over ``tune.space``: every grid combination, with the
+    choice and continuous values drawn from ``random_state=cfg.seed`` (Tune's default draws from
+    an unseeded generator: two sweeps of one config would try different values), at most
+    ``tune.max_concurrent_trials`` trials at a time."""
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(max_concurrent=cfg.tune.max_concurrent_trials, random_state=cfg.seed)
+
+
 # Keys each trial sets for itself (trial_config), and the sweep's own section.
 TRIAL_OWNED = ("name", "output_dir", "ray.storage_path", "tracking.enabled", "evaluate.learners", "evaluate.parallel", "evaluate.full_data_samples")
 # What a trial's evaluation may be ranked by: every row has accuracy and the task's score
@@ -228,7 +238,7 @@ def run_sweep(cfg: Config, resume: bool = False) -> str:
                 param_space=search_space(cfg.tune.space),
                 tune_config=tune.TuneConfig(
                     metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler, num_samples=cfg.tune.num_samples,
-                    max_concurrent_trials=cfg.tune.max_concurrent_trials,
+                    search_alg=search_algorithm(cfg),  # it limits concurrency itself (Tune ignores max_concurrent_trials then)
                 ),
                 run_config=tune.RunConfig(
                     name=name, storage_path=str(storage), callbacks=callbacks,
