@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from dilm_ray.config import GeneratorConfig, PretrainConfig
+from dilm_ray.config import GeneratorConfig
 from dilm_ray.data import BUILTIN_TASKS, TextSet
-from dilm_ray.models.generator import build_generator, sample_tokens, set_trainable, top_k_top_p_probs
-from dilm_ray.train.pretrain import pretrain
+from dilm_ray.models.generator import build_generator, sample_tokens, top_k_top_p_probs
 
 SST2, MNLI = BUILTIN_TASKS["sst2"], BUILTIN_TASKS["mnli"]
 
