@@ -82,7 +82,8 @@ def pretrain_reason(record: dict, run: dict) -> str:
         return {"CPU": m["cpu"], "bf16 instructions": tuple(m["bf16_instructions"]), "precision": fp["precision"],
                 "threads": fp.get("threads"), "torch": m["torch"]}
 
-    differ = [k for k, v in setting(record).items() if setting(run)[k] != v]
+    mine, theirs = setting(record), setting(run)
+    differ = [k for k in mine if mine[k] != theirs[k]]
     if differ:
         return (f"stage 1 ran on other kernels ({', '.join(differ)} differ{'s' if len(differ) == 1 else ''}): the generated rows "
                 "(DiLM, LM-only) need not reproduce; compare the coreset rows (benchmarks/README.md, Main job)")

@@ -338,9 +338,8 @@ def ranked_table(outcomes: list[TrialOutcome], keys: list[str], metric: str, mod
     table = pd.DataFrame(rows, columns=["trial_id", "status", metric, "runs", "minutes", *keys, "reason"])
     failed = table["status"] == "ERROR"
     # equal evidence first: a trial ASHA stopped lost at its rung to those that went on, so a
-    # score from fewer runs never outranks a FINISHED trial's (stable sort: runs, then metric)
-    scored = table[~failed].sort_values(metric, ascending=mode == "min", na_position="last")
-    scored = scored.sort_values("runs", ascending=False, kind="stable")
+    # score from fewer runs never outranks a FINISHED trial's (most runs first, then the metric)
+    scored = table[~failed].sort_values(["runs", metric], ascending=[False, mode == "min"], na_position="last")
     return pd.concat([scored, table[failed]]).reset_index(drop=True)
 
 
