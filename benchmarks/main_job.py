@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import json
 import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -95,6 +96,15 @@ def report_markdown(by_seed: dict[int, pd.DataFrame], baselines: tuple[str, ...]
     ])
 
 
+def recorded_command(fingerprint: dict, config_path: str) -> str:
+    """The command that made the run: its config file and overrides as typed, which fingerprints
+    hold from 2026-12-05 on; for an older fingerprint, ``config_path`` with the seed and the name
+    (the only overrides it can tell)."""
+    if "overrides" in fingerprint:
+        return shlex.join(["dilm-ray", "run", fingerprint["config_file"] or config_path, *fingerprint["overrides"]])
+    return f"dilm-ray run {config_path} seed={fingerprint['seed']}" + (f" name={fingerprint['config']}" if fingerprint["config"] != Path(config_path).stem else "")
+
+
 @click.group()
 def main() -> None:
     pass
@@ -103,7 +113,7 @@ def main() -> None:
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--into", type=click.Path(path_type=Path), default=RECORD, show_default=True)
-@click.option("--config", "config_path", default="configs/sst2-cpu.yaml", show_default=True, help="the config the run was made from (for the recorded command)")
+@click.option("--config", "config_path", default="configs/sst2-cpu.yaml", show_default=True, help="the config the run was made from, for the recorded command of a fingerprint older than its own config file and overrides")
 @click.option("--note", default="", help="what the record alone does not say (e.g. the commits earlier invocations of a resumed run ran)")
 def record(run_dir: Path, into: Path, config_path: str, note: str) -> None:
     """Copy RUN_DIR's results into ``<into>/seed<N>/`` (N: the run's config seed)."""
@@ -119,7 +129,7 @@ def record(run_dir: Path, into: Path, config_path: str, note: str) -> None:
     meta = {
         "date": datetime.date.today().isoformat(), "commit": fingerprint["commit"], "cpu": fingerprint["machine"]["cpu"],
         "bf16_instructions": fingerprint["machine"]["bf16_instructions"], "precision": fingerprint["precision"],
-        "command": f"dilm-ray run {config_path} seed={fingerprint['seed']}" + (f" name={fingerprint['config']}" if fingerprint["config"] != Path(config_path).stem else ""),
+        "command": recorded_command(fingerprint, config_path),
         **({"note": note} if note else {}),
     }
     (out / "record.json").write_text(json.dumps(meta, indent=1) + "\n")

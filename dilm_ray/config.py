@@ -304,6 +304,10 @@ class Config(_Section):
 
     # ``output_dir`` as the user gave it, before ``absolute`` resolved it against the working folder
     _given_output_dir: str | None = PrivateAttr(None)
+    # where the values came from, as the user typed them: the YAML file and the dotted overrides
+    # (``load_config``); records write them so that a result names the command that made it
+    _config_file: str | None = PrivateAttr(None)
+    _overrides: tuple[str, ...] = PrivateAttr(())
 
     def __eq__(self, other: object) -> bool:
         """The fields only: ``given_output_dir`` records where a value came from, not the config."""
@@ -318,6 +322,18 @@ class Config(_Section):
         """``output_dir`` as given in the YAML or an override (``runs``), where ``output_dir`` holds
         it resolved by ``absolute`` (``/home/me/runs``); the same for a config rebuilt from a dict."""
         return self._given_output_dir or self.output_dir
+
+    @property
+    def config_file(self) -> str | None:
+        """The YAML file ``load_config`` read, as given (``configs/sst2-cpu.yaml``); None for the
+        built-in defaults or a config rebuilt from a dict."""
+        return self._config_file
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        """The dotted overrides ``load_config`` applied, as given (``("seed=43",)``); empty for a
+        config rebuilt from a dict."""
+        return self._overrides
 
     def absolute(self) -> Config:
         """Paths resolved against the working folder, so that Ray workers elsewhere see the same files."""
@@ -435,7 +451,10 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         apply_override(tree, key, value)
     if overrides:
         source += " + overrides"
-    return validated(tree, source).absolute()
+    cfg = validated(tree, source)
+    cfg._config_file = None if path is None else str(path)
+    cfg._overrides = tuple(overrides)
+    return cfg.absolute()
 
 
 def validated(tree: dict[str, Any], source: str) -> Config:

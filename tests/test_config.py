@@ -31,6 +31,15 @@ def test_dotted_overrides_are_typed():
     assert cfg.data.balanced is True and cfg.data.max_train_samples is None
 
 
+def test_a_config_keeps_the_file_and_overrides_it_was_loaded_with():
+    """Records name the command that made them (``pipeline.record.fingerprint``)."""
+    cfg = load_config("configs/sst2-cpu.yaml", ["seed=43", "name=sst2-cpu-seed43"])
+    assert cfg.config_file == "configs/sst2-cpu.yaml" and cfg.overrides == ("seed=43", "name=sst2-cpu-seed43")
+    assert cfg.model_copy(update={"seed": 1}).overrides == cfg.overrides  # copies keep them
+    assert load_config(None).config_file is None and load_config(None).overrides == ()
+    assert Config.model_validate(cfg.to_dict()).overrides == ()  # rebuilt from values: no command
+
+
 @pytest.mark.parametrize(
     "override, expected",
     [

@@ -101,11 +101,17 @@ def test_record_then_report_over_seeds(tmp_path):
     into = tmp_path / "main-job"
     for seed in (42, 43, 44):
         run = _run_folder(tmp_path, seed, 0.03)
+        if seed == 44:  # a fingerprint that holds the command's config file and overrides
+            path = run / "results" / "fingerprint.json"
+            typed = {"config_file": "configs/sst2-cpu.yaml", "overrides": ["seed=44", "name=sst2-cpu-seed44", "synthesize.dpc=[5, 10]"]}
+            path.write_text(json.dumps({**json.loads(path.read_text()), **typed}))
         done = subprocess.run([sys.executable, "benchmarks/main_job.py", "record", str(run), "--into", str(into)], capture_output=True, text=True, cwd=REPO)
         assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in into.iterdir()) == ["seed42", "seed43", "seed44"]
     meta = json.loads((into / "seed43" / "record.json").read_text())
     assert meta["command"] == "dilm-ray run configs/sst2-cpu.yaml seed=43" and meta["cpu"] == "AMD EPYC"
+    meta = json.loads((into / "seed44" / "record.json").read_text())
+    assert meta["command"] == "dilm-ray run configs/sst2-cpu.yaml seed=44 name=sst2-cpu-seed44 'synthesize.dpc=[5, 10]'"
     done = subprocess.run([sys.executable, "benchmarks/main_job.py", "report", "--root", str(into)], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
     summary = (into / "summary.md").read_text()

@@ -76,3 +76,4 @@ def test_shipped_config_tunes_and_runs_on_its_task(config, models, tmp_path, req
     assert stages["distill"]["last_metrics"].startswith("[distill 15] ")
     assert {key.split("/")[0] for key in stages["sets"]} == set(table.method)
     assert len(stages["evaluate"]) == len(runs) and fingerprint["seed"] == 42 and fingerprint["machine"]["cpu"]
+    assert fingerprint["config_file"] == str(repo / config) and fingerprint["overrides"] == sized  # the command that made it

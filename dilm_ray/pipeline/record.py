@@ -46,7 +46,8 @@ def fingerprint(cfg: Config, layout: RunLayout, runs: pd.DataFrame, code: str | 
     metric line of its rank-0 log (None where the stage did not run); ``sets``: per
     ``method/dpc<D>``, the digest of each set in set order (``runs.csv``'s ``set_digest``);
     ``evaluate``: the score of each run, keyed ``<learner>/<method>/dpc<D>/set<i>/seed<s>``, rounded
-    to 6 decimals. With the config's name and seed, the commit (``code``: ``provenance.commit()``
+    to 6 decimals. With the config's name and seed, the config file and overrides it was loaded
+    with (``Config.config_file``, ``Config.overrides``: the command's arguments), the commit (``code``: ``provenance.commit()``
     taken when the run started; by default now), the resolved precision, the threads and ``provenance.machine()``.
     """
     stages: dict[str, object] = {}
@@ -64,7 +65,7 @@ def fingerprint(cfg: Config, layout: RunLayout, runs: pd.DataFrame, code: str | 
         for r in runs.sort_values(["learner", "method", "dpc", "set_index", "seed"]).itertuples()
     }
     return {
-        "config": cfg.name, "seed": cfg.seed, "commit": code or commit(), "precision": cfg.precision, "threads": cfg.threads, "machine": machine(),
+        "config": cfg.name, "seed": cfg.seed, "config_file": cfg.config_file, "overrides": list(cfg.overrides), "commit": code or commit(), "precision": cfg.precision, "threads": cfg.threads, "machine": machine(),
         "stages": stages,
     }
 
