@@ -59,7 +59,10 @@ def test_shipped_config_tunes_and_runs_on_its_task(config, models, tmp_path, req
     ranking = pd.read_csv(run_dir / "tune" / "ranking.csv")
     assert len(ranking) == 2 and set(ranking.status) == {"FINISHED"}, ranking.to_string()
     assert (run_dir / "tune" / "best.yaml").is_file()
-    ran = _cli("run", str(repo / config), *sized, "--resume", cwd=tmp_path)  # stage 1 is the sweep's
+    # the command the sweep prints last: the whole job on the best trial's config, stage 1 the sweep's
+    best = run_dir / "tune" / "best.yaml"
+    assert any(line.endswith(f": dilm-ray run {best} --resume") for line in tuned.stdout.splitlines()), tuned.stdout[-2000:]
+    ran = _cli("run", str(best), "--resume", cwd=tmp_path)
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
     assert "| learner | DPC | method |" in ran.stdout and "[pretrain] done earlier, skipped" in ran.stdout
     table = pd.read_csv(run_dir / "results" / "table.csv")
@@ -76,4 +79,4 @@ def test_shipped_config_tunes_and_runs_on_its_task(config, models, tmp_path, req
     assert stages["distill"]["last_metrics"].startswith("[distill 15] ")
     assert {key.split("/")[0] for key in stages["sets"]} == set(table.method)
     assert len(stages["evaluate"]) == len(runs) and fingerprint["seed"] == 42 and fingerprint["machine"]["cpu"]
-    assert fingerprint["config_file"] == str(repo / config) and fingerprint["overrides"] == sized  # the command that made it
+    assert fingerprint["config_file"] == str(best) and fingerprint["overrides"] == []  # the command that made it

@@ -273,7 +273,11 @@ def run_sweep(cfg: Config, resume: bool = False) -> str:
     ray.shutdown()
     failed = [o for o in outcomes if o.status == "ERROR"]
     note = f"\n\n{len(failed)} of {len(outcomes)} trials failed (listed last, with their reason)" if failed else ""
-    return to_markdown(table) + note + f"\n\nbest config: {out / 'best.yaml'}\nbest distilled sets: {best_sets}"
+    # the same name and stage-1 settings: --resume keeps the sweep's stage-1 generator instead of training it again
+    return (
+        to_markdown(table) + note + f"\n\nbest config: {out / 'best.yaml'}\nbest distilled sets: {best_sets}"
+        + f"\nthe whole job on it, keeping the sweep's stage 1: dilm-ray run {out / 'best.yaml'} --resume"
+    )
 
 
 @dataclass(frozen=True)
