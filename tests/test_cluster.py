@@ -311,6 +311,7 @@ def test_tune_trial_survives_the_loss_of_its_node_and_resumes_stage_2(cluster, m
     assert resumed and 0 < resumed[0] < steps, f"the retried trial started stage 2 over: {state.extra}"
     ranking = (tmp_path / "runs" / "tunekill" / "tune" / "ranking.csv").read_text().splitlines()
     assert len(ranking) == 2 and ",FINISHED," in ranking[1]
+    assert " failed, retried (ray.max_failures): " in (tmp_path / "tune.log").read_text()  # the terminal said so when it happened
     parent = json.loads((tmp_path / "runs" / "tunekill" / "mlflow-runs.json").read_text())["tune"]
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     experiment = client.get_run(parent).info.experiment_id

@@ -43,12 +43,12 @@ def test_the_first_stage_that_differs_is_named():
 
 
 def test_a_stage_log_line_is_fingerprinted_without_its_timings(tmp_path):
-    from dilm_ray.pipeline.record import _last_metrics
+    from dilm_ray.pipeline.record import last_metric_line
 
     log = tmp_path / "distill-rank0.log"
     log.write_text("[distill 5] match_loss=0.3 seconds_match=1.2\nnoise\n[distill 10] match_loss=0.2 grad_sim=0.8 seconds_generate=3.1 seconds_match=1.0\n")
-    assert _last_metrics(log, "distill") == "[distill 10] match_loss=0.2 grad_sim=0.8"
-    assert _last_metrics(log, "pretrain") is None and _last_metrics(tmp_path / "none.log", "distill") is None
+    assert last_metric_line(log, "distill") == "[distill 10] match_loss=0.2 grad_sim=0.8"
+    assert last_metric_line(log, "pretrain") is None and last_metric_line(tmp_path / "none.log", "distill") is None
 
 
 def test_the_stratified_test_cancels_seed_shifts_and_sees_a_consistent_lead():

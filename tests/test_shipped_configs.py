@@ -11,6 +11,7 @@ otherwise a few rows of the task's columns and labels are written.
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,11 @@ def test_shipped_config_tunes_and_runs_on_its_task(config, models, tmp_path, req
     ranking = pd.read_csv(run_dir / "tune" / "ranking.csv")
     assert len(ranking) == 2 and set(ranking.status) == {"FINISHED"}, ranking.to_string()
     assert (run_dir / "tune" / "best.yaml").is_file()
+    # the terminal: a line per trial event, not Tune's table every 30 s
+    events = [line for line in tuned.stdout.splitlines() if line.startswith("[tune] trial ")]
+    assert sum(" started: " in e for e in events) == 2 and sum(" finished: " in e for e in events) == 2, tuned.stdout[-3000:]
+    assert sum(" round " in e for e in events) == 2 and "Trial status:" not in tuned.stdout and "╭" not in tuned.stdout
+    assert "[tune] 2 trials, at most " in tuned.stdout
     # the command the sweep prints last: the whole job on the best trial's config, stage 1 the sweep's
     best = run_dir / "tune" / "best.yaml"
     assert any(line.endswith(f": dilm-ray run {best} --resume") for line in tuned.stdout.splitlines()), tuned.stdout[-2000:]
@@ -70,7 +76,7 @@ def test_shipped_config_tunes_and_runs_on_its_task(config, models, tmp_path, req
     # the terminal shows the stages, not Ray's forwarded worker output; the workers' own logs are kept
     assert "(RayTrainWorker" not in ran.stdout + ran.stderr and "Traceback" not in ran.stderr
     assert "INFO mlflow" not in tuned.stdout + tuned.stderr  # a fresh store: MLflow creates its tables and the experiment
-    assert "[distill 5] " in ran.stdout + ran.stderr  # metric lines reach the driver
+    assert re.search(r"^\[distill \d+\] ", ran.stdout, re.M)  # metric lines reach the driver
     assert (run_dir / "logs" / "distill-rank0.log").is_file()
     # the run's fingerprint: a digest per stage, the sets of runs.csv, every run's score, the machine
     fingerprint = json.loads((run_dir / "results" / "fingerprint.json").read_text())

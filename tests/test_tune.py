@@ -60,6 +60,32 @@ def test_the_values_a_sweep_tries_come_from_the_config_seed(tmp_path):
     assert first != trials(43)
 
 
+def test_the_status_line_says_what_each_running_trial_last_did(tmp_path):
+    from types import SimpleNamespace
+
+    from dilm_ray.commands.tune import status_line, trial_activity, trial_dir
+    from dilm_ray.config import load_config
+    from dilm_ray.layout import RunLayout
+
+    cfg = load_config("configs/sst2-cpu.yaml", [f"output_dir={tmp_path}"])
+    run_dir = trial_dir(cfg, "a1_00000")
+    assert run_dir == tmp_path / "sst2-cpu" / "tune" / "trials" / "trial-a1_00000"
+    layout = RunLayout(run_dir)
+    assert trial_activity(run_dir) == ""  # nothing written yet
+    layout.worker_log("distill", 0).parent.mkdir(parents=True)
+    layout.worker_log("distill", 0).write_text("[distill 5] match_loss=0.3 seconds_match=1.0\n[distill 10] match_loss=0.2 seconds_match=1.1\n")
+    assert trial_activity(run_dir) == "[distill 10] match_loss=0.2"
+    layout.method_dir("dilm").mkdir(parents=True)
+    assert trial_activity(run_dir) == "synthesis"
+    layout.runs_csv.parent.mkdir(parents=True)
+    layout.runs_csv.write_text("score\n0.6\n0.7\n")
+    assert trial_activity(run_dir) == "evaluation, 2 runs done"
+    trials = [SimpleNamespace(trial_id=i, status=s) for i, s in (("a1_00000", "RUNNING"), ("a1_00001", "RUNNING"), ("a1_00002", "PENDING"),
+                                                                 ("a1_00003", "TERMINATED"), ("a1_00004", "ERROR"))]
+    line = status_line(15.04, trials, {"a1_00000": "synthesis", "a1_00001": ""})
+    assert line == "[tune] 15.0 min: 2 running (a1_00000: synthesis, a1_00001), 1 pending, 1 done, 1 failed"
+
+
 def test_error_reason_is_the_exception_line_without_module_path():
     from dilm_ray.commands.tune import error_reason
     from dilm_ray.errors import GenerationError
@@ -134,6 +160,8 @@ def test_failed_trials_are_ranked_last_and_a_sweep_that_only_fails_exits_1(tiny_
     assert list(ranking.status) == ["FINISHED", "ERROR"] and list(ranking["learner.model"]) == [str(tiny_bert_dir), "no-such-learner"]
     assert "learner.model" in ranking.reason.iloc[1] and "no-such-learner" in ranking.reason.iloc[1]
     assert "1 of 2 trials failed" in result.output
+    failed = [line for line in result.output.splitlines() if line.startswith("[tune] trial ") and " failed: " in line]
+    assert len(failed) == 1 and "no-such-learner" in failed[0], result.output  # said when it happens, with the reason
     assert any(line.startswith("| - | ") and "| ERROR |" in line for line in result.output.splitlines())
     assert (tmp_path / "runs" / "fails" / "tune" / "best.yaml").is_file()
 

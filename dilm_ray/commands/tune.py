@@ -5,12 +5,20 @@ starting from one shared stage-1 generator, then the evaluation every command us
 (``pipeline.evaluate``). Trials report their score (``trial_metrics``) after each round of
 evaluation runs, so ASHA can stop weak trials early; trials are ranked by ``tune.metric``. MLflow: one parent run for the
 sweep, one child run per trial (``MLflowLoggerCallback`` on the driver closes ASHA-stopped runs).
+The terminal: a line per trial event and a status line every ``STATUS_SECONDS``
+(``terminal_callback``), Tune's own reporter off (``tune_terminal``). ``best.yaml`` is the whole
+job's config with the best trial's values (``best_config``).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import shutil
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +104,16 @@ def trial_config(base: Config, params: dict[str, Any], trial_name: str) -> Confi
     tree["tracking"]["enabled"] = False  # the driver's MLflowLoggerCallback records trials
     tree["evaluate"].update(learners=[], parallel=False, full_data_samples=None)
     return validated(tree, "the trial's tune.space values")
+
+
+def best_config(base: Config, params: dict[str, Any]) -> Config:
+    """The sweep's config with the best trial's values (``best.yaml``): the whole job's config,
+    its run folder, tracking and evaluation the sweep's own, not a trial's (``trial_config``), so
+    ``dilm-ray run best.yaml --resume`` keeps the sweep's stage-1 generator."""
+    tree = base.to_dict()
+    for key, value in params.items():
+        apply_override(tree, key, value)
+    return validated(tree, "the best trial's tune.space values")
 
 
 def space_configs(cfg: Config) -> list[tuple[dict[str, Any], Config]]:
@@ -241,11 +259,13 @@ def run_sweep(cfg: Config, resume: bool = False) -> str:
                     search_alg=search_algorithm(cfg),  # it limits concurrency itself (Tune ignores max_concurrent_trials then)
                 ),
                 run_config=tune.RunConfig(
-                    name=name, storage_path=str(storage), callbacks=callbacks,
+                    name=name, storage_path=str(storage), callbacks=[*callbacks, terminal_callback(cfg, rounds)],
+                    verbose=0,  # Tune's own reporter off (tune_terminal): terminal_callback prints the sweep's lines
                     failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
                 ),
             )
-        results = tuner.fit()
+        with tune_terminal():
+            results = tuner.fit()
         outcomes = trial_outcomes(results.experiment_path, rounds)
         table = ranked_table(outcomes, list(cfg.tune.space), cfg.tune.metric, cfg.tune.mode)
         out.mkdir(parents=True, exist_ok=True)
@@ -259,7 +279,7 @@ def run_sweep(cfg: Config, resume: bool = False) -> str:
                 + "\n".join(f"  trial {o.trial_id}: {o.reason}" for o in outcomes)
             )
         best = next(o for o in outcomes if o.trial_id == table.iloc[0]["trial_id"])
-        best_cfg = trial_config(cfg, {k: best.params[k] for k in cfg.tune.space}, cfg.name)
+        best_cfg = best_config(cfg, {k: best.params[k] for k in cfg.tune.space})
         (out / "best.yaml").write_text(best_cfg.to_yaml())
         best_sets = out / "best-distilled"
         shutil.rmtree(best_sets, ignore_errors=True)
@@ -345,6 +365,136 @@ def ranked_table(outcomes: list[TrialOutcome], keys: list[str], metric: str, mod
     # score from fewer runs never outranks a FINISHED trial's (most runs first, then the metric)
     scored = table[~failed].sort_values(["runs", metric], ascending=[False, mode == "min"], na_position="last")
     return pd.concat([scored, table[failed]]).reset_index(drop=True)
+
+
+# A status line this often while trials run. Tune's own reporter (off: RunConfig(verbose=0))
+# printed a table every 30 s: 904 of the 930 terminal lines of `tune configs/mnli-cpu.yaml`
+# (2 trials, 52 min), with distill.lr 3e-06 shown as "0.".
+STATUS_SECONDS = 300.0
+
+
+class _DropTrialFailureLogs(logging.Filter):
+    """Tune's log records of a failed trial: its full traceback ("Trial task failed for trial")
+    and "Trials did not complete". The sweep says both in a line (``terminal_callback``, the
+    ranking), and the traceback stays in the trial's ``error.txt``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("Trial task failed for trial", "Trials did not complete"))
+
+
+@contextmanager
+def tune_terminal() -> Iterator[None]:
+    """While the block runs, Tune's own terminal output is off: ``RAY_AIR_NEW_OUTPUT=0`` with the
+    sweep's ``verbose=0`` prints nothing (Tune's newer reporter prints its experiment box and
+    every trial error even at ``verbose=0``), and ``_DropTrialFailureLogs`` filters its loggers.
+    ``terminal_callback`` prints the sweep's lines instead."""
+    names, drop = ("ray.tune.execution.tune_controller", "ray.tune.tune"), _DropTrialFailureLogs()
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    for name in names:
+        logging.getLogger(name).addFilter(drop)
+    try:
+        yield
+    finally:
+        for name in names:
+            logging.getLogger(name).removeFilter(drop)
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
+
+
+def trial_dir(base: Config, trial_id: str) -> Path:
+    """The run folder of trial ``trial_id`` of the sweep of ``base`` (``trial_config``'s)."""
+    return RunLayout(base.run_dir).tune / "trials" / f"trial-{trial_id}"
+
+
+def trial_activity(run_dir: Path) -> str:
+    """What the trial in ``run_dir`` last did, read from its run folder (shared by every node of
+    a cluster, ``startup_checks``): its evaluation runs, else its last stage-2 metric line, else ''."""
+    from dilm_ray.pipeline.record import last_metric_line
+
+    layout = RunLayout(run_dir)
+    if layout.runs_csv.is_file():
+        return f"evaluation, {max(0, len(layout.runs_csv.read_text().splitlines()) - 1)} runs done"
+    if layout.method_dir("dilm").is_dir():
+        return "synthesis"
+    return last_metric_line(layout.worker_log("distill", 0), "distill") or ""
+
+
+def status_line(minutes: float, trials: Sequence[Any], activity: dict[str, str]) -> str:
+    """``[tune] 15.0 min: 1 running (a1_00000: [distill 30] match_loss=0.2), 1 pending, 0 done,
+    0 failed``: ``trials`` are Tune's (``trial_id``, ``status``), ``activity`` what each running
+    one last did (``trial_activity``)."""
+    running = [t for t in trials if t.status == "RUNNING"]
+    counts = {s: sum(t.status == s for t in trials) for s in ("PENDING", "TERMINATED", "ERROR")}
+    shown = ", ".join(f"{t.trial_id}" + (f": {activity[t.trial_id]}" if activity.get(t.trial_id) else "") for t in running)
+    return (f"[tune] {minutes:.1f} min: {len(running)} running" + (f" ({shown})" if shown else "")
+            + f", {counts['PENDING']} pending, {counts['TERMINATED']} done, {counts['ERROR']} failed")
+
+
+def terminal_callback(cfg: Config, rounds: int):
+    """A Tune ``Callback`` on the driver that prints one line per trial event (started with its
+    searched values, each round's ``tune.metric``, finished or stopped, failed with the reason)
+    and a ``status_line`` every ``STATUS_SECONDS``: what a person needs to follow a sweep."""
+    from ray.tune import Callback
+
+    keys, metric = list(cfg.tune.space), cfg.tune.metric
+
+    def say(trial, event: str) -> None:
+        print(f"[tune] trial {trial.trial_id} {event}", flush=True)
+
+    def score(result: dict) -> str:
+        return f"{metric}={readable(result.get(metric))} after {result.get('runs', 0)} runs, {float(result.get('time_total_s', 0.0)) / 60:.1f} min"
+
+    def reason(trial) -> str:
+        """The error's line, from the trial's local error files (written before the callbacks
+        run; storage gets them at the next sync), with where its traceback is kept."""
+        import ray.cloudpickle as cloudpickle
+
+        try:
+            pickled, text = (Path(p) if p else None for p in (trial.pickled_error_file, trial.error_file))
+            error = cloudpickle.loads(pickled.read_bytes()) if pickled and pickled.is_file() else None
+            line = error_reason(error, text.read_text() if text and text.is_file() else None)
+        except Exception:  # an exception class that does not unpickle here: the ranking gives the reason
+            line = "see tune/ranking.csv at the end"
+        kept = trial.run_metadata.error_filename
+        return line + (f" (traceback: {Path(trial.storage.trial_fs_path, kept)})" if kept else "")
+
+    class TrialLines(Callback):
+        start = last = 0.0
+
+        def setup(self, **info):  # each (re)start of the sweep: a restored one unpickles its callbacks
+            self.start = self.last = time.monotonic()
+            total, at_once = info.get("total_num_samples"), cfg.tune.max_concurrent_trials
+            print(f"[tune] {total} trials, at most {at_once} at a time, scheduler {cfg.tune.scheduler}, ranked by {metric}; "
+                  f"their folders: {RunLayout(cfg.run_dir).tune / 'trials'}", flush=True)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            say(trial, "started: " + " ".join(f"{k}={readable(trial.config.get(k))}" for k in keys))
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            say(trial, f"round {result.get('rounds', 0)}/{rounds}: " + score(result))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            result = trial.last_result or {}
+            ended = "finished" if result.get("rounds", 0) >= rounds else f"stopped by the scheduler after round {result.get('rounds', 0)}/{rounds}"
+            say(trial, f"{ended}: " + score(result))
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            say(trial, f"failed, retried (ray.max_failures): {reason(trial)}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            say(trial, f"failed: {reason(trial)}")
+
+        def on_step_end(self, iteration, trials, **info):
+            now = time.monotonic()
+            if now - self.last >= STATUS_SECONDS:
+                self.last = now
+                activity = {t.trial_id: trial_activity(trial_dir(cfg, t.trial_id)) for t in trials if t.status == "RUNNING"}
+                print(status_line((now - self.start) / 60, trials, activity), flush=True)
+
+    return TrialLines()
 
 
 def readable(value: Any) -> str:

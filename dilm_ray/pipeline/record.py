@@ -28,7 +28,7 @@ def _digest(paths: list[Path]) -> str | None:
     return content_key(*(file_digest(p) for p in sorted(paths))) if paths else None
 
 
-def _last_metrics(log: Path, stage: str) -> str | None:
+def last_metric_line(log: Path, stage: str) -> str | None:
     """The last metric line of ``stage`` in its rank-0 worker log (``[pretrain 300] lm_loss=...``),
     without its timings (``seconds_*``: wall clock, never equal between two runs)."""
     if not log.is_file():
@@ -54,7 +54,7 @@ def fingerprint(cfg: Config, layout: RunLayout, runs: pd.DataFrame, code: str | 
     for stage in ("pretrain", "distill"):
         folder = layout.generator(stage)
         weights = _digest(list(folder.glob("*.safetensors"))) if folder.is_dir() else None
-        stages[stage] = {"weights": weights, "last_metrics": _last_metrics(layout.worker_log(stage, 0), stage)}
+        stages[stage] = {"weights": weights, "last_metrics": last_metric_line(layout.worker_log(stage, 0), stage)}
     sets: dict[str, list[str]] = {}
     for (method, dpc), part in runs.groupby(["method", "dpc"], sort=True):
         by_set = part.drop_duplicates("set_index").sort_values("set_index")
