@@ -97,7 +97,7 @@ def trial_config(base: Config, params: dict[str, Any], trial_name: str) -> Confi
     for key, value in params.items():
         apply_override(tree, key, value)
     tree["name"] = trial_name
-    tree["output_dir"] = str(RunLayout(base.run_dir).tune / "trials")
+    tree["output_dir"] = str(trials_root(base))
     # trials' Train checkpoints: under the user's ray.storage_path (s3://, gs://, NFS) when set
     given = base.ray.storage_path
     tree["ray"]["storage_path"] = f"{given.rstrip('/')}/{base.name}-tune" if given else str(RunLayout(base.run_dir).tune / "train")
@@ -404,9 +404,14 @@ def tune_terminal() -> Iterator[None]:
             os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
 
+def trials_root(base: Config) -> Path:
+    """Where the sweep of ``base`` keeps its trials' run folders (``trial_config``'s ``output_dir``)."""
+    return RunLayout(base.run_dir).tune / "trials"
+
+
 def trial_dir(base: Config, trial_id: str) -> Path:
     """The run folder of trial ``trial_id`` of the sweep of ``base`` (``trial_config``'s)."""
-    return RunLayout(base.run_dir).tune / "trials" / f"trial-{trial_id}"
+    return trials_root(base) / f"trial-{trial_id}"
 
 
 def trial_activity(run_dir: Path) -> str:
@@ -468,7 +473,7 @@ def terminal_callback(cfg: Config, rounds: int):
             self.start = self.last = time.monotonic()
             total, at_once = info.get("total_num_samples"), cfg.tune.max_concurrent_trials
             print(f"[tune] {total} trials, at most {at_once} at a time, scheduler {cfg.tune.scheduler}, ranked by {metric}; "
-                  f"their folders: {RunLayout(cfg.run_dir).tune / 'trials'}", flush=True)
+                  f"their folders: {trials_root(cfg)}", flush=True)
 
         def on_trial_start(self, iteration, trials, trial, **info):
             say(trial, "started: " + " ".join(f"{k}={readable(trial.config.get(k))}" for k in keys))
