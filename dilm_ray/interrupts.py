@@ -10,6 +10,7 @@ finished (stage checkpoints, evaluation rows) and exit with 128 + the signal num
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from typing import Iterator
@@ -61,6 +62,58 @@ def signal_of(err: KeyboardInterrupt) -> int:
 def exit_code(err: KeyboardInterrupt) -> int:
     """128 + the signal number (``signal_of``), as a shell reports a process ended by that signal."""
     return 128 + signal_of(err)
+
+
+@contextlib.contextmanager
+def ray_train_ctrl_c() -> Iterator[None]:
+    """Around Ray Train's ``fit()``: Ctrl-C (SIGINT) ends the stage as a ``KeyboardInterrupt``, and
+    the SIGINT handler is what it was before, afterwards.
+
+    In the main thread ``fit()`` installs a handler that aborts the Train controller (which stops
+    the worker group: kept, it is the clean way down) and then calls ``sys.exit(0)`` from inside
+    Ray's blocking get, which Ray turns into ``SystemExit(1)``; it never puts the previous handler
+    back (``DataParallelTrainer._register_sigint_handler``, Ray 2.60). Unhandled, a Ctrl-C in stage
+    1 or 2 ended the command with exit status 1, no message and its MLflow run left RUNNING.
+
+    Whether SIGINT arrived is read from a wakeup fd (``signal.set_wakeup_fd``: the C-level signal
+    handler writes each signal's number to it, whatever Python handler is installed), so that a
+    ``SystemExit`` for another reason (the raylet died) passes through unchanged.
+
+    Raises:
+        KeyboardInterrupt: for a ``SystemExit`` out of the block after a SIGINT.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    earlier_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    try:
+        yield
+    except SystemExit:
+        if signal.SIGINT not in _signals_written(read_fd):
+            raise
+        raise KeyboardInterrupt("SIGINT: Ray Train aborted the stage") from None
+    finally:
+        signal.set_wakeup_fd(earlier_fd)
+        signal.signal(signal.SIGINT, previous)
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+def _signals_written(fd: int) -> set[int]:
+    """The signal numbers a wakeup fd (``signal.set_wakeup_fd``) has received, read without blocking."""
+    seen: set[int] = set()
+    while True:
+        try:
+            chunk = os.read(fd, 512)
+        except BlockingIOError:
+            return seen
+        if not chunk:
+            return seen
+        seen.update(chunk)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,10 @@ def test_two_workers_pretrain_then_distill(ray_2_cpus, tiny_overrides):
     from dilm_ray.driver.ray_train import fit_stage
 
     cfg = load_config("configs/sst2-cpu.yaml", tiny_overrides + ["ray.num_workers=2", "ray.cpus_per_worker=0.9", "pretrain.checkpoint_every=2"])
+    ctrl_c = signal.getsignal(signal.SIGINT)
     lm = fit_stage(cfg, "pretrain")
+    # Ray Train's fit() leaves its own SIGINT handler installed, bound to the finished controller
+    assert signal.getsignal(signal.SIGINT) is ctrl_c
     pre = TrainState.load(lm / "train_state.pt")
     assert (lm / "config.json").is_file() and pre.step == 3
     # rank 0 saves the state; it holds each rank's RNG as that rank left it (its stage-1 batch

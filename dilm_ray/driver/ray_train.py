@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from dilm_ray import interrupts
 from dilm_ray.config import Config
 from dilm_ray.errors import UserError
 from dilm_ray.layout import RunLayout
@@ -255,7 +256,7 @@ def fit_stage(
         ),
     )
     try:
-        with follow(progress, stage, (cfg.pretrain if stage == "pretrain" else cfg.distill).steps):
+        with follow(progress, stage, (cfg.pretrain if stage == "pretrain" else cfg.distill).steps), interrupts.ray_train_ctrl_c():
             result = trainer.fit()
     except TrainingFailedError as err:
         cause = worker_user_error(err)
