@@ -65,22 +65,28 @@ def exit_code(err: KeyboardInterrupt) -> int:
 
 
 @contextlib.contextmanager
-def ray_train_ctrl_c() -> Iterator[None]:
-    """Around Ray Train's ``fit()``: Ctrl-C (SIGINT) ends the stage as a ``KeyboardInterrupt``, and
-    the SIGINT handler is what it was before, afterwards.
+def ctrl_c_through(library: str) -> Iterator[None]:
+    """Around a Ray call that installs its own SIGINT handler in the main thread: Ctrl-C (SIGINT)
+    ends the block as a ``KeyboardInterrupt``, whatever that handler made of it, and the SIGINT
+    handler is what it was before, afterwards. ``library`` names the call in the interrupt.
 
-    In the main thread ``fit()`` installs a handler that aborts the Train controller (which stops
-    the worker group: kept, it is the clean way down) and then calls ``sys.exit(0)`` from inside
-    Ray's blocking get, which Ray turns into ``SystemExit(1)``; it never puts the previous handler
-    back (``DataParallelTrainer._register_sigint_handler``, Ray 2.60). Unhandled, a Ctrl-C in stage
-    1 or 2 ended the command with exit status 1, no message and its MLflow run left RUNNING.
+    - Ray Train's ``fit()``: its handler aborts the Train controller (which stops the worker group:
+      kept, it is the clean way down), then calls ``sys.exit(0)`` inside Ray's blocking get, which
+      Ray turns into ``SystemExit(1)`` (``DataParallelTrainer._register_sigint_handler``, Ray 2.60).
+      Unhandled, a Ctrl-C in stage 1 or 2 ended the command with exit status 1, no message and its
+      MLflow run left RUNNING.
+    - Ray Tune's ``Tuner.fit()``: its handler ends the sweep after saving the experiment state, and
+      ``fit()`` returns as if the sweep were done (``tune.tune._setup_signal_catching``): the
+      command ranked the unfinished trials and wrote a "best" config from them.
+    Neither puts the previous handler back when it ends without a SIGINT.
 
     Whether SIGINT arrived is read from a wakeup fd (``signal.set_wakeup_fd``: the C-level signal
     handler writes each signal's number to it, whatever Python handler is installed), so that a
     ``SystemExit`` for another reason (the raylet died) passes through unchanged.
 
     Raises:
-        KeyboardInterrupt: for a ``SystemExit`` out of the block after a SIGINT.
+        KeyboardInterrupt: when SIGINT arrived during the block (the block's ``SystemExit``, if
+            any, replaced).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -91,11 +97,15 @@ def ray_train_ctrl_c() -> Iterator[None]:
     os.set_blocking(write_fd, False)
     earlier_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     try:
-        yield
-    except SystemExit:
-        if signal.SIGINT not in _signals_written(read_fd):
-            raise
-        raise KeyboardInterrupt("SIGINT: Ray Train aborted the stage") from None
+        try:
+            yield
+        except SystemExit:
+            if signal.SIGINT not in _signals_written(read_fd):
+                raise
+        else:
+            if signal.SIGINT not in _signals_written(read_fd):
+                return
+        raise KeyboardInterrupt(f"SIGINT: {library} stopped") from None
     finally:
         signal.set_wakeup_fd(earlier_fd)
         signal.signal(signal.SIGINT, previous)

@@ -197,3 +197,56 @@ def test_trials_keep_their_checkpoints_under_the_sweeps_storage_path(tmp_path):
     assert trial_config(base, {}, "trial-a").ray.storage_path == str(tmp_path / "sweep" / "tune" / "train")
     cloud = load_config(None, [f"output_dir={tmp_path}", "name=sweep", "ray.storage_path=s3://bucket/dilm/"])
     assert trial_config(cloud, {"distill.lr": 1e-6}, "trial-a").ray.storage_path == "s3://bucket/dilm/sweep-tune"
+
+
+@pytest.mark.integration
+def test_ctrl_c_during_a_sweep_ends_it_unranked_and_resume_finishes_it(tiny_overrides, tmp_path):
+    """Ctrl-C at a terminal (SIGINT to the command's process group) while trials run. Tune's own
+    handler ends the sweep and ``Tuner.fit()`` returns as if it were done: the command ranked the
+    unfinished trials, wrote best.yaml from them and exited 0. Now it ends as an interrupt (130, the
+    resume hint, nothing ranked, MLflow run KILLED), and ``tune --resume`` finishes the sweep."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = [
+        sys.executable, "-m", "dilm_ray.cli", "tune", "configs/sst2-cpu.yaml", *tiny_overrides, "name=ctrlc",
+        "tracking.enabled=true", f"tracking.uri={uri}", "tune.space={distill.gm_syn_dpc: {type: grid, values: [2]}}",
+        "distill.steps=20", "distill.checkpoint_every=10", "synthesize.n_datasets=1", "evaluate.parallel=false", "ray.cpus_per_worker=0.9",
+    ]
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="r", dir="/tmp"), "RAY_AUTH_MODE": "disabled"}
+    out = tmp_path / "runs" / "ctrlc" / "tune"
+    log_path = tmp_path / "first.log"
+    with open(log_path, "w") as log:
+        first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and first.poll() is None and " started: " not in log_path.read_text():
+            time.sleep(0.2)
+        assert " started: " in log_path.read_text(), log_path.read_text()[-3000:]
+        time.sleep(3)  # into the trial's stage 2
+        os.killpg(first.pid, signal.SIGINT)
+        code = first.wait(timeout=180)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    printed = log_path.read_text()
+    assert code == 128 + signal.SIGINT, printed[-3000:]
+    assert "interrupted (SIGINT): finished stages and evaluation runs are kept; add --resume to continue" in printed
+    assert "best config:" not in printed and not (out / "best.yaml").exists() and not (out / "ranking.csv").exists()
+    mlflow.set_tracking_uri(uri)
+    parents = mlflow.search_runs(experiment_names=["dilm-sst2"], filter_string="tags.command = 'tune'")
+    assert list(parents["status"]) == ["KILLED"]
+
+    second = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "best config:" in second.stdout
+    ranking = pd.read_csv(out / "ranking.csv")
+    assert list(ranking.status) == ["FINISHED"], ranking
+    parents = mlflow.search_runs(experiment_names=["dilm-sst2"], filter_string="tags.command = 'tune'")
+    assert list(parents["status"]) == ["FINISHED"]  # the same run, reopened and finished

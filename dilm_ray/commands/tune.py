@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dilm_ray import interrupts
 from dilm_ray.config import Config, SearchSpec, apply_override, flatten, validated
 from dilm_ray.errors import SweepFailed, UserError
 from dilm_ray.layout import RunLayout
@@ -264,7 +265,7 @@ def run_sweep(cfg: Config, resume: bool = False) -> str:
                     failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
                 ),
             )
-        with tune_terminal():
+        with tune_terminal(), interrupts.ctrl_c_through("Ray Tune"):  # not a finished sweep: nothing ranked
             results = tuner.fit()
         outcomes = trial_outcomes(results.experiment_path, rounds)
         table = ranked_table(outcomes, list(cfg.tune.space), cfg.tune.metric, cfg.tune.mode)

@@ -256,7 +256,7 @@ def fit_stage(
         ),
     )
     try:
-        with follow(progress, stage, (cfg.pretrain if stage == "pretrain" else cfg.distill).steps), interrupts.ray_train_ctrl_c():
+        with follow(progress, stage, (cfg.pretrain if stage == "pretrain" else cfg.distill).steps), interrupts.ctrl_c_through("Ray Train"):
             result = trainer.fit()
     except TrainingFailedError as err:
         cause = worker_user_error(err)
