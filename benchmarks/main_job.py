@@ -14,6 +14,10 @@ per-set spread and is left out of the tests.
     dilm-ray run configs/sst2-cpu.yaml seed=43 name=sst2-cpu-seed43
     python benchmarks/main_job.py record runs/sst2-cpu-seed43
     python benchmarks/main_job.py report                  # every recorded seed; writes summary.md
+
+The profile is chosen the same way, on held-out train rows (``data.dev_samples``): each
+candidate's runs recorded with ``--into <root>/<candidate>`` at 2+ seeds, then ``choose <root>``
+ranks the candidates by DiLM's mean over seeds and tests each against the leader and the baselines.
 """
 
 from __future__ import annotations
@@ -96,6 +100,35 @@ def report_markdown(by_seed: dict[int, pd.DataFrame], baselines: tuple[str, ...]
     ])
 
 
+def choice_markdown(candidates: dict[str, dict[int, pd.DataFrame]], baselines: tuple[str, ...]) -> str:
+    """Candidates ranked by DiLM's mean over seeds (each seed's mean over its sets), each with its
+    per-seed means, the stratified p against the leader's DiLM and DiLM's against each baseline
+    (the candidate's own baseline rows). Raises ClickException when the candidates' seeds differ."""
+    seeds = {name: sorted(by_seed) for name, by_seed in candidates.items()}
+    if len({tuple(v) for v in seeds.values()}) != 1:
+        raise click.ClickException(f"candidates recorded at different seeds: {seeds}")
+    order = sorted(candidates, key=lambda name: -np.mean([per_set(runs, "dilm").mean() for runs in candidates[name].values()]))
+    leader = candidates[order[0]]
+    head = ["candidate", *(f"DiLM seed {seed}" for seed in seeds[order[0]]), "DiLM over seeds", "p vs leader",
+            *(f"{b} over seeds" for b in baselines), *(f"DiLM - {b}, p" for b in baselines)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in order:
+        by_seed = candidates[name]
+        means = [per_set(runs, "dilm").mean() for runs in by_seed.values()]
+        strata = [(per_set(by_seed[seed], "dilm"), per_set(leader[seed], "dilm")) for seed in by_seed]
+        p = "-" if name == order[0] else f"{stratified_permutation_p(strata):.3g}"
+        cells = [name, *(f"{m:.1f}" for m in means), f"{np.mean(means):.1f}", p]
+        cells += [f"{np.mean([per_set(runs, b).mean() for runs in by_seed.values()]):.1f}" for b in baselines]
+        for b in baselines:
+            found = comparison(by_seed, b)
+            cells.append(f"{found['mean_difference']:+.1f}, {found['stratified_p']:.3g}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join([
+        f"Candidates ranked by DiLM's mean over seeds {', '.join(map(str, seeds[order[0]]))} (per-set means, %); p: stratified "
+        "permutation test over the seeds (20,000 permutations).", "", *lines,
+    ])
+
+
 def recorded_command(fingerprint: dict, config_path: str) -> str:
     """The command that made the run: its config file and overrides as typed, which fingerprints
     hold from 2026-12-05 on; for an older fingerprint, ``config_path`` with the seed and the name
@@ -146,6 +179,20 @@ def report(root: Path, baselines: tuple[str, ...]) -> None:
         raise click.ClickException(f"no seed<N>/runs.csv under {root}")
     text = report_markdown(by_seed, baselines)
     (root / "summary.md").write_text(text + "\n")
+    click.echo(text)
+
+
+@main.command()
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--baseline", "baselines", multiple=True, default=("random", "k_centers"), show_default=True)
+def choose(root: Path, baselines: tuple[str, ...]) -> None:
+    """Rank the candidates under ROOT (``<candidate>/seed<N>/``, recorded on held-out train rows)
+    by DiLM's mean over seeds; also written to ``<root>/choice.md``."""
+    candidates = {folder.name: found for folder in sorted(root.iterdir()) if folder.is_dir() and (found := seeds_recorded(folder))}
+    if not candidates:
+        raise click.ClickException(f"no <candidate>/seed<N>/runs.csv under {root}")
+    text = choice_markdown(candidates, baselines)
+    (root / "choice.md").write_text(text + "\n")
     click.echo(text)
 
 

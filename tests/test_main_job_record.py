@@ -124,6 +124,29 @@ def test_record_then_report_over_seeds(tmp_path):
     assert f"| random | {lead:+.1f} | 3 of 3 | 5e-05 | {power:.2f} | {needed:.0f} |" in summary  # the report prints the plan it computes
 
 
+def test_choose_ranks_candidates_by_dilm_over_seeds(tmp_path):
+    root = tmp_path / "dev"
+    for name, bonus in (("weak", -0.02), ("strong", 0.05), ("middle", 0.01)):
+        for seed in (42, 43):
+            run = _run_folder(tmp_path / name, seed, bonus)
+            done = subprocess.run([sys.executable, "benchmarks/main_job.py", "record", str(run), "--into", str(root / name)], capture_output=True, text=True, cwd=REPO)
+            assert done.returncode == 0, done.stderr
+    done = subprocess.run([sys.executable, "benchmarks/main_job.py", "choose", str(root)], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in (root / "choice.md").read_text().splitlines() if line.startswith("| ") and not line.startswith("| candidate")]
+    assert [row.split(" | ")[0] for row in rows] == ["| strong", "| middle", "| weak"]
+    cells = rows[0].split(" | ")
+    runs = [pd.read_csv(root / "strong" / f"seed{seed}" / "runs.csv") for seed in (42, 43)]
+    means = [100 * r[r.method == "dilm"].score.mean() for r in runs]
+    assert cells[1:5] == [f"{means[0]:.1f}", f"{means[1]:.1f}", f"{np.mean(means):.1f}", "-"]
+    assert float(rows[2].split(" | ")[4]) < 0.05  # 7 points behind the leader at both seeds, 4 sets each
+
+    (root / "late" / "seed44").mkdir(parents=True)  # a candidate recorded at other seeds cannot be ranked with the rest
+    shutil.copy(root / "weak" / "seed42" / "runs.csv", root / "late" / "seed44" / "runs.csv")
+    done = subprocess.run([sys.executable, "benchmarks/main_job.py", "choose", str(root)], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode != 0 and "different seeds" in done.stderr
+
+
 def test_recording_an_unfinished_run_fails_naming_what_is_missing(tmp_path):
     run = _run_folder(tmp_path, 42, 0.0)
     (run / "results" / "fingerprint.json").unlink()
