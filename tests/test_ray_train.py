@@ -66,6 +66,7 @@ def _registered_checkpoint(run_dir) -> bool:
         return False
 
 
+@pytest.mark.slow  # 57 s; make test guards its promise with the node kill in tests/test_cluster.py (the stage resumes from a checkpoint)
 def test_killed_worker_resumes_from_its_latest_checkpoint(ray_2_cpus, tiny_overrides):
     from dilm_ray.driver.ray_train import fit_stage, storage_root
 

@@ -110,7 +110,16 @@ def test_serve_opens_the_runs_table(tmp_path):
     port = _free_port()
     code = f"import sys; from dilm_ray.commands.ui import serve; sys.exit(serve({store!r}, '127.0.0.1', {port}, 'dilm-sst2', False, health_timeout=120))"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    process = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def default_sigint():
+        """SIGINT as a terminal's foreground job has it. A suite started in the background
+        (`make test &`) ignores SIGINT and its children inherit that (a suite run so once timed out
+        here waiting for the server to stop, likely for this)."""
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               preexec_fn=default_sigint)
     try:
         url = None
         printed = []
