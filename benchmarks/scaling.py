@@ -176,9 +176,66 @@ def baseline_runs(path: Path, key: str, dpc: int, learner: str) -> pd.DataFrame:
     return runs
 
 
+def point_config(config: str, overrides: list[str], steps: int, sets: int, dpc: int) -> Config:
+    """The config of the point at ``steps``; ``UserError`` when the profile's warm-up is not shorter."""
+    base = load_config(config, overrides)
+    if warmup_steps(base) >= steps:
+        raise UserError(f"--points: the profile warms up for {warmup_steps(base)} steps (pretrain.steps x pretrain.warmup_ratio), "
+                        f"not fewer than the point at {steps} steps")
+    return load_config(config, [*overrides, *point_overrides(base.name, steps, warmup_steps(base), sets, dpc)])
+
+
+def point_done(record: Path, steps: int, sets: int) -> bool:
+    """Whether the record holds the point at ``steps`` with ``sets`` sets or more."""
+    done = record / f"point{steps}" / POINT_FILE
+    return done.is_file() and json.loads(done.read_text())["sets"] >= sets
+
+
+def rebuild_stage1(config: str, overrides: list[str], steps: int, sets: int, dpc: int, previous: Config | None, record: Path,
+                   log=click.echo) -> tuple[Config, dict | None]:
+    """The stage-1 generator of the finished point at ``steps``, trained again when its run folder
+    is gone (a fresh clone or machine: run folders are not part of the record) so that a later
+    point can continue it. Call it for the points in order: each continues ``previous``'s.
+
+    Returns the point's config and, when it trained, ``{"recorded": digest, "rebuilt": digest}``
+    of the generator's weights (``pipeline.record``'s 16-hex digest; ``recorded`` from the point's
+    ``fingerprint.json``, None without one). Unequal digests mean a later point continues a
+    generator other than the one this point evaluated (another CPU's bf16 kernels, other code):
+    the log and the later point's ``point.json`` (``rebuilt``) say so.
+    """
+    from dilm_ray.data import load_data
+    from dilm_ray.layout import RunLayout
+    from dilm_ray.pipeline.base import Context, check_inputs
+    from dilm_ray.pipeline.record import fingerprint
+    from dilm_ray.seeding import setup_torch
+    from dilm_ray.timing import StageTimer
+    from dilm_ray.tracking.mlflow_store import mlflow_run
+
+    cfg = point_config(config, overrides, steps, sets, dpc)
+    layout = RunLayout(cfg.run_dir)
+    if (layout.generator_lm / "train_state.pt").is_file():
+        return cfg, None
+    log(f"[point {steps}] its generator is not on this machine: stage 1 trained again, to continue it")
+    setup_torch(cfg)
+    check_inputs(cfg)
+    data = load_data(cfg, need_validation=False)
+    with mlflow_run(cfg, "scaling", Path(cfg.run_dir) / "mlflow-runs.json", resume=True) as run_id:
+        continue_stage1(Context(cfg, data, METHODS, run_id, resume=True), previous, StageTimer(Path(cfg.run_dir) / "timing.json"), log)
+    printed = record / f"point{steps}" / "fingerprint.json"
+    recorded = json.loads(printed.read_text())["stages"]["pretrain"]["weights"] if printed.is_file() else None
+    again = fingerprint(cfg, layout, pd.DataFrame(columns=["method", "dpc", "set_index", "set_digest", "learner", "seed", "score"]))
+    digest = again["stages"]["pretrain"]["weights"]
+    log(f"[point {steps}] rebuilt generator {digest}: " + ("equal to the record's" if digest == recorded else f"the record's is {recorded}, NOT equal"))
+    return cfg, {"recorded": recorded, "rebuilt": digest}
+
+
 def run_point(config: str, overrides: list[str], steps: int, sets: int, dpc: int, previous: Config | None, record: Path,
-              baseline: Path, per_label: int, log=click.echo) -> tuple[Config, dict]:
-    """Run (or resume) the point at ``steps``; returns its config and its ``point.json`` row."""
+              baseline: Path, per_label: int, log=click.echo, rebuild=None) -> tuple[Config, dict]:
+    """Run (or resume) the point at ``steps``; returns its config and its ``point.json`` row.
+
+    ``rebuild``: called once the point is known to need running and its baseline to be
+    comparable, before its stage 1; it makes the earlier points' generators again where they
+    are gone and returns ``{steps: rebuild_stage1's digests}``, kept in the row as ``rebuilt``."""
     from dilm_ray.data import load_data
     from dilm_ray.evaluation.job import eval_key, protocol_config
     from dilm_ray.pipeline.base import Context, check_inputs, distill_key, synthesize_key
@@ -190,11 +247,7 @@ def run_point(config: str, overrides: list[str], steps: int, sets: int, dpc: int
     from dilm_ray.timing import StageTimer
     from dilm_ray.tracking.mlflow_store import mlflow_run
 
-    base = load_config(config, overrides)
-    if warmup_steps(base) >= steps:
-        raise UserError(f"--points: the profile warms up for {warmup_steps(base)} steps (pretrain.steps x pretrain.warmup_ratio), "
-                        f"not fewer than the point at {steps} steps")
-    cfg = load_config(config, [*overrides, *point_overrides(base.name, steps, warmup_steps(base), sets, dpc)])
+    cfg = point_config(config, overrides, steps, sets, dpc)
     out = record / f"point{steps}"
     done = out / POINT_FILE
     setup_torch(cfg)
@@ -215,6 +268,13 @@ def run_point(config: str, overrides: list[str], steps: int, sets: int, dpc: int
     code = commit()
     baseline_runs(baseline, key, dpc, cfg.learner.model)  # refuse before hours of training, not after
     layout_dir = Path(cfg.run_dir)
+    rebuilt_file = layout_dir / "rebuilt.json"  # kept across this point's own resumes
+    rebuilt = json.loads(rebuilt_file.read_text()) if rebuilt_file.is_file() else {}
+    made = rebuild() if rebuild else {}
+    if made:
+        rebuilt.update(made)
+        layout_dir.mkdir(parents=True, exist_ok=True)
+        write_json(rebuilt_file, rebuilt)
     timer = StageTimer(layout_dir / "timing.json")
     log(f"[point {steps}] {cfg.name}: stage 1 to {steps} steps, stage 2, {sets} sets per method at DPC {dpc}")
     with mlflow_run(cfg, "scaling", layout_dir / "mlflow-runs.json", resume=True) as run_id:
@@ -240,7 +300,7 @@ def run_point(config: str, overrides: list[str], steps: int, sets: int, dpc: int
     report.runs[report.runs["set_index"] < sets].assign(steps=steps).to_csv(out / "runs.csv", index=False)
     fidelity = {r.method: r.label_fidelity for r in report.table.itertuples()}
     stage_seconds = {f"seconds_{k}": v for k, v in timer.seconds.items()}
-    row = {"steps": steps, "sets": sets, "dpc": dpc, "commit": code, "config": cfg.name, "asked": asked, **lm_only,
+    row = {"steps": steps, "sets": sets, "dpc": dpc, "commit": code, "config": cfg.name, "asked": asked, "rebuilt": rebuilt, **lm_only,
            **{f"{m}_fidelity": fidelity.get(m) for m in METHODS}, **stage_seconds}
     write_json(done, row)
     return cfg, row
@@ -406,9 +466,20 @@ def run(config: str, overrides: tuple[str, ...], points_: str, sets: int, last_s
         options = [f"--points {points_}", f"--sets {sets}", f"--last-sets {last_sets}", f"--dpc {dpc}", f"--per-label {per_label}"]
         command = " ".join(["python benchmarks/scaling.py run", config, *overrides, *options])
         commands = commands_of(record, command)
+        sets_at = {n: last_sets if n == steps[-1] else sets for n in steps}
+
+        def rebuild_before(i: int) -> dict:  # the generators of the points before steps[i], in order
+            chain, rebuilt = None, {}
+            for m in steps[:i]:
+                chain, made = rebuild_stage1(config, list(overrides), m, sets_at[m], dpc, chain, record)
+                if made:
+                    rebuilt[str(m)] = made
+            return rebuilt
+
         previous = None
-        for n in steps:
-            previous, _ = run_point(config, list(overrides), n, last_sets if n == steps[-1] else sets, dpc, previous, record, baseline, per_label)
+        for i, n in enumerate(steps):
+            previous, _ = run_point(config, list(overrides), n, sets_at[n], dpc, previous, record, baseline, per_label,
+                                    rebuild=lambda i=i: rebuild_before(i))
             click.echo(write_report(record, baseline, commands))
     except UserError as err:
         click.echo(f"error: {err}", err=True)

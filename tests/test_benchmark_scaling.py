@@ -2,6 +2,7 @@
 interrupted at a later point, resumes without redoing finished points or stages; the fit."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -126,3 +127,17 @@ def test_the_study_resumes_a_point_interrupted_in_its_evaluation(tiny_overrides,
     baseline.write_text(mismatched)
     refused = CliRunner().invoke(scaling.main, [*args[:-4], "--points", "2,4,6", "--record", str(record), "--baseline", str(baseline)])
     assert refused.exit_code == 2 and "not comparable" in refused.output and "Traceback" not in refused.output
+    assert "trained again" not in refused.output  # refused before any stage 1
+
+    # a fresh clone: the record is there, the run folders are not; a new point first makes the
+    # earlier points' generators again, in order, and checks each against its recorded digest
+    baseline.write_text(mismatched.replace("0" * 16, key))
+    shutil.rmtree(tmp_path / "runs")
+    third = CliRunner().invoke(scaling.main, [*args[:-4], "--points", "2,4,6", "--record", str(record), "--baseline", str(baseline)])
+    assert third.exit_code == 0, third.output + repr(third.exception)
+    assert third.output.count("trained again") == 2 and third.output.count("equal to the record's") == 2, third.output
+    row = json.loads((record / "point6" / "point.json").read_text())
+    assert set(row["rebuilt"]) == {"2", "4"} and all(r["rebuilt"] == r["recorded"] for r in row["rebuilt"].values())
+    state = torch.load(tmp_path / "runs" / "t-scaling6" / "generator-lm" / "train_state.pt", weights_only=False)
+    assert state["step"] == 6 and state["extra"]["continued_from"] == [2, 4]
+    assert list(pd.read_csv(record / "points.csv").steps) == [2, 4, 6]
