@@ -349,6 +349,7 @@ def reading(points: pd.DataFrame) -> list[str]:
     """The fit of fidelity and score against log2(steps), and where the score would cross K-centers."""
     lines = []
     steps = list(points.steps)
+    rate = stage1_seconds_per_step(points)
     for column, what in (("lm_only_fidelity", "LM-only fidelity (%)"), ("dilm_fidelity", "DiLM fidelity (%)"),
                          ("dilm_filtered_fidelity", "DiLM with the filter, fidelity (%)"), ("dilm_mean", "DiLM score"), ("dilm_filtered_mean", "DiLM with the filter, score")):
         scale = 100 if "fidelity" in column else 1
@@ -362,12 +363,29 @@ def reading(points: pd.DataFrame) -> list[str]:
             level = float(points["k_centers_mean"].iloc[0])
             found = crossing(fit, level)
             text += f" Crossing K-centers ({level:.1f}): " + (f"at about {found:,.0f} steps" if found else "never, at this slope")
+            if found and math.isfinite(found) and rate:
+                text += f" (stage 1 alone, {hours(found * rate)} on this machine at {rate:.2f} s per LM step)"
             if found and not math.isnan(fit["slope_se"]):
                 ends = [crossing(fit, level, fit["slope"] + sign * fit["slope_se"]) for sign in (1, -1)]
                 text += " (slope ± 1 SE, turned about the data's centre: " + " to ".join("never" if e is None else f"{e:,.0f}" for e in ends) + ")"
             text += "."
         lines.append(text)
     return lines
+
+
+def stage1_seconds_per_step(points: pd.DataFrame) -> float | None:
+    """Seconds per stage-1 LM step: the median over the points after the first of their stage-1
+    time over the steps they added (the first point's run may have resumed mid-way); None
+    without such a point."""
+    if "seconds_pretrain" not in points or len(points) < 2:
+        return None
+    added = points.steps.diff().iloc[1:]
+    rates = (points.seconds_pretrain.iloc[1:] / added).dropna()
+    return float(rates.median()) if len(rates) else None
+
+
+def hours(seconds: float) -> str:
+    return f"{seconds / 3600:,.1f} h" if seconds < 3600 * 1e6 else "over a million hours"
 
 
 def plot(points: pd.DataFrame, path: Path) -> None:

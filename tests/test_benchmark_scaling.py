@@ -28,6 +28,9 @@ def test_the_warmup_is_the_profiles_at_every_point_and_the_fit_reads_log_steps()
     assert scaling.crossing(fit, 56.0, -0.5) is None and scaling.crossing(fit, 56.0, 1e-4) == float("inf")  # falling; beyond float range
     assert np.isnan(scaling.log_fit([480, 960], [50.0, 51.0])["slope_se"]) and scaling.log_fit([480], [50.0]) is None
     assert scaling.log_fit([480, 960, 1920], [50.0, float("nan"), 52.0])["slope"] == pytest.approx(1.0)  # a missing value is left out
+    # the stage-1 rate leaves the first point out (its run may have resumed mid-way): steps it added, not steps it ends at
+    rate = scaling.stage1_seconds_per_step(pd.DataFrame({"steps": [480, 960, 1920], "seconds_pretrain": [500.0, 960.0, 2112.0]}))
+    assert rate == pytest.approx((2.0 + 2.2) / 2) and scaling.stage1_seconds_per_step(pd.DataFrame({"steps": [480], "seconds_pretrain": [9.0]})) is None
 
 
 @pytest.mark.parametrize("precision, layers", [("fp32", "null"), ("bf16", "1")])
