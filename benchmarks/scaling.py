@@ -197,11 +197,14 @@ def rebuild_stage1(config: str, overrides: list[str], steps: int, sets: int, dpc
     is gone (a fresh clone or machine: run folders are not part of the record) so that a later
     point can continue it. Call it for the points in order: each continues ``previous``'s.
 
-    Returns the point's config and, when it trained, ``{"recorded": digest, "rebuilt": digest}``
-    of the generator's weights (``pipeline.record``'s 16-hex digest; ``recorded`` from the point's
-    ``fingerprint.json``, None without one). Unequal digests mean a later point continues a
-    generator other than the one this point evaluated (another CPU's bf16 kernels, other code):
-    the log and the later point's ``point.json`` (``rebuilt``) say so.
+    Returns the point's config and, when it trained, the generator's weight digest
+    (``pipeline.record``'s 16 hex) and last logged metrics, recorded (the point's
+    ``fingerprint.json``; None without one) and rebuilt: ``{"recorded", "rebuilt",
+    "recorded_metrics", "rebuilt_metrics"}``. Unequal digests mean a later point continues a
+    generator other than the one this point evaluated: bit for bit it is not (floating-point
+    order with 2 threads, a mid-run resume of the record's run, another CPU's bf16 kernels, other
+    code), and the LM losses say by how much. The log and the later point's ``point.json``
+    (``rebuilt``) say so.
     """
     from dilm_ray.data import load_data
     from dilm_ray.layout import RunLayout
@@ -222,11 +225,13 @@ def rebuild_stage1(config: str, overrides: list[str], steps: int, sets: int, dpc
     with mlflow_run(cfg, "scaling", Path(cfg.run_dir) / "mlflow-runs.json", resume=True) as run_id:
         continue_stage1(Context(cfg, data, METHODS, run_id, resume=True), previous, StageTimer(Path(cfg.run_dir) / "timing.json"), log)
     printed = record / f"point{steps}" / "fingerprint.json"
-    recorded = json.loads(printed.read_text())["stages"]["pretrain"]["weights"] if printed.is_file() else None
-    again = fingerprint(cfg, layout, pd.DataFrame(columns=["method", "dpc", "set_index", "set_digest", "learner", "seed", "score"]))
-    digest = again["stages"]["pretrain"]["weights"]
-    log(f"[point {steps}] rebuilt generator {digest}: " + ("equal to the record's" if digest == recorded else f"the record's is {recorded}, NOT equal"))
-    return cfg, {"recorded": recorded, "rebuilt": digest}
+    was = json.loads(printed.read_text())["stages"]["pretrain"] if printed.is_file() else {}
+    now = fingerprint(cfg, layout, pd.DataFrame(columns=["method", "dpc", "set_index", "set_digest", "learner", "seed", "score"]))["stages"]["pretrain"]
+    recorded, digest = was.get("weights"), now["weights"]
+    # the last logged LM loss says how far apart unequal weights are (floating-point order or another run)
+    log(f"[point {steps}] rebuilt generator {digest} ({now['last_metrics']}): "
+        + ("equal to the record's" if digest == recorded else f"the record's is {recorded} ({was.get('last_metrics')}), NOT equal"))
+    return cfg, {"recorded": recorded, "rebuilt": digest, "recorded_metrics": was.get("last_metrics"), "rebuilt_metrics": now["last_metrics"]}
 
 
 def run_point(config: str, overrides: list[str], steps: int, sets: int, dpc: int, previous: Config | None, record: Path,
@@ -357,17 +362,22 @@ def reading(points: pd.DataFrame) -> list[str]:
         if fit is None:
             lines.append(f"- {what}: one point, no trend yet.")
             continue
-        se = "" if math.isnan(fit["slope_se"]) else f" ± {fit['slope_se']:.2f} (SE, {len(steps) - 2} degrees of freedom)"
+        dof = len(steps) - 2
+        se = "" if math.isnan(fit["slope_se"]) else f" ± {fit['slope_se']:.2f} (SE, {dof} degree{'s' if dof > 1 else ''} of freedom)"
         text = f"- {what}: {fit['slope']:+.2f}{se} per doubling of LM steps."
         if column.endswith("_mean"):
             level = float(points["k_centers_mean"].iloc[0])
             found = crossing(fit, level)
+            if found is not None and found <= max(steps):  # the line passes K-centers inside the points, or before them
+                text += f" The line is at or above K-centers ({level:.1f}) from about {found:,.0f} steps, within the points measured: see their p"
+                lines.append(text + ".")
+                continue
             text += f" Crossing K-centers ({level:.1f}): " + (f"at about {found:,.0f} steps" if found else "never, at this slope")
-            if found and math.isfinite(found) and rate:
-                text += f" (stage 1 alone, {hours(found * rate)} on this machine at {rate:.2f} s per LM step)"
             if found and not math.isnan(fit["slope_se"]):
                 ends = [crossing(fit, level, fit["slope"] + sign * fit["slope_se"]) for sign in (1, -1)]
                 text += " (slope ± 1 SE, turned about the data's centre: " + " to ".join("never" if e is None else f"{e:,.0f}" for e in ends) + ")"
+            if found and math.isfinite(found) and rate:
+                text += f"; stage 1 to there: {hours(found * rate)} on this machine at {rate:.2f} s per LM step"
             text += "."
         lines.append(text)
     return lines

@@ -31,6 +31,13 @@ def test_the_warmup_is_the_profiles_at_every_point_and_the_fit_reads_log_steps()
     # the stage-1 rate leaves the first point out (its run may have resumed mid-way): steps it added, not steps it ends at
     rate = scaling.stage1_seconds_per_step(pd.DataFrame({"steps": [480, 960, 1920], "seconds_pretrain": [500.0, 960.0, 2112.0]}))
     assert rate == pytest.approx((2.0 + 2.2) / 2) and scaling.stage1_seconds_per_step(pd.DataFrame({"steps": [480], "seconds_pretrain": [9.0]})) is None
+    points = pd.DataFrame({"steps": [480, 960, 1920], "seconds_pretrain": [500.0, 960.0, 2112.0], "k_centers_mean": 55.0,
+                           "lm_only_fidelity": 0.6, "dilm_fidelity": 0.6, "dilm_filtered_fidelity": 0.8,
+                           "dilm_mean": [50.0, 51.0, 52.0], "dilm_filtered_mean": [55.5, 56.0, 56.5]})
+    score, filtered = scaling.reading(points)[-2:]
+    # 50 + 1 per doubling reaches 55 five doublings after 480 steps: 15,360 steps, x 2.1 s = 8.96 h
+    assert "at about 15,360 steps" in score and "8.96" not in score and "9.0 h on this machine at 2.10 s per LM step" in score
+    assert "from about 240 steps, within the points measured" in filtered and "Crossing" not in filtered  # not a crossing ahead
 
 
 @pytest.mark.parametrize("precision, layers", [("fp32", "null"), ("bf16", "1")])
@@ -141,6 +148,7 @@ def test_the_study_resumes_a_point_interrupted_in_its_evaluation(tiny_overrides,
     assert third.output.count("trained again") == 2 and third.output.count("equal to the record's") == 2, third.output
     row = json.loads((record / "point6" / "point.json").read_text())
     assert set(row["rebuilt"]) == {"2", "4"} and all(r["rebuilt"] == r["recorded"] for r in row["rebuilt"].values())
+    assert row["rebuilt"]["4"]["rebuilt_metrics"] == row["rebuilt"]["4"]["recorded_metrics"] and "[pretrain 4]" in row["rebuilt"]["4"]["rebuilt_metrics"]
     state = torch.load(tmp_path / "runs" / "t-scaling6" / "generator-lm" / "train_state.pt", weights_only=False)
     assert state["step"] == 6 and state["extra"]["continued_from"] == [2, 4]
     assert list(pd.read_csv(record / "points.csv").steps) == [2, 4, 6]
