@@ -405,12 +405,13 @@ def plot(points: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for column, label in (("lm_only_fidelity", "LM-only"), ("dilm_fidelity", "DiLM"), ("dilm_filtered_fidelity", "DiLM + label filter")):
-        left.plot(points.steps, 100 * points[column], marker="o", label=label)
+    colors = {"lm_only": "C2", "dilm": "C0", "dilm_filtered": "C1"}  # one colour per method in both panels
+    for method, label in (("lm_only", "LM-only"), ("dilm", "DiLM"), ("dilm_filtered", "DiLM + label filter")):
+        left.plot(points.steps, 100 * points[f"{method}_fidelity"], marker="o", color=colors[method], label=label)
     left.axhline(100 / len(points.lm_only_fidelity_per_label.iloc[0]), color="grey", ls=":", label="chance")
     left.set(xscale="log", xlabel="stage-1 LM steps (log)", ylabel="label fidelity (%)", title="Does the text follow its label?")
     for method, label in (("dilm", "DiLM"), ("dilm_filtered", "DiLM + label filter")):
-        right.errorbar(points.steps, points[f"{method}_mean"], yerr=points[f"{method}_std"], marker="o", capsize=3, label=label)
+        right.errorbar(points.steps, points[f"{method}_mean"], yerr=points[f"{method}_std"], marker="o", capsize=3, color=colors[method], label=label)
     for b, style in zip(BASELINES, ("--", ":")):
         right.axhline(float(points[f"{b}_mean"].iloc[0]), color="black", ls=style, label=f"{b} (record)")
     right.set(xscale="log", xlabel="stage-1 LM steps (log)", ylabel="score (%; QQP: mean of accuracy and F1)", title=f"Score at DPC {int(points.dpc.iloc[0])} (mean ± std over sets)")
