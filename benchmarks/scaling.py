@@ -185,12 +185,6 @@ def point_config(config: str, overrides: list[str], steps: int, sets: int, dpc: 
     return load_config(config, [*overrides, *point_overrides(base.name, steps, warmup_steps(base), sets, dpc)])
 
 
-def point_done(record: Path, steps: int, sets: int) -> bool:
-    """Whether the record holds the point at ``steps`` with ``sets`` sets or more."""
-    done = record / f"point{steps}" / POINT_FILE
-    return done.is_file() and json.loads(done.read_text())["sets"] >= sets
-
-
 def rebuild_stage1(config: str, overrides: list[str], steps: int, sets: int, dpc: int, previous: Config | None, record: Path,
                    log=click.echo) -> tuple[Config, dict | None]:
     """The stage-1 generator of the finished point at ``steps``, trained again when its run folder
@@ -209,7 +203,7 @@ def rebuild_stage1(config: str, overrides: list[str], steps: int, sets: int, dpc
     from dilm_ray.data import load_data
     from dilm_ray.layout import RunLayout
     from dilm_ray.pipeline.base import Context, check_inputs
-    from dilm_ray.pipeline.record import fingerprint
+    from dilm_ray.pipeline.record import generator_fingerprint
     from dilm_ray.seeding import setup_torch
     from dilm_ray.timing import StageTimer
     from dilm_ray.tracking.mlflow_store import mlflow_run
@@ -226,7 +220,7 @@ def rebuild_stage1(config: str, overrides: list[str], steps: int, sets: int, dpc
         continue_stage1(Context(cfg, data, METHODS, run_id, resume=True), previous, StageTimer(Path(cfg.run_dir) / "timing.json"), log)
     printed = record / f"point{steps}" / "fingerprint.json"
     was = json.loads(printed.read_text())["stages"]["pretrain"] if printed.is_file() else {}
-    now = fingerprint(cfg, layout, pd.DataFrame(columns=["method", "dpc", "set_index", "set_digest", "learner", "seed", "score"]))["stages"]["pretrain"]
+    now = generator_fingerprint(layout, "pretrain")
     recorded, digest = was.get("weights"), now["weights"]
     # the last logged LM loss says how far apart unequal weights are (floating-point order or another run)
     log(f"[point {steps}] rebuilt generator {digest} ({now['last_metrics']}): "

@@ -39,6 +39,15 @@ def last_metric_line(log: Path, stage: str) -> str | None:
     return " ".join(part for part in lines[-1].split() if not part.startswith("seconds"))
 
 
+def generator_fingerprint(layout: RunLayout, stage: str) -> dict:
+    """``{"weights", "last_metrics"}`` of the generator ``stage`` (``pretrain``/``distill``) wrote
+    in ``layout``: a digest (16 hex) of its safetensors files and the last metric line of its
+    rank-0 log, each None where the stage did not run."""
+    folder = layout.generator(stage)
+    weights = _digest(list(folder.glob("*.safetensors"))) if folder.is_dir() else None
+    return {"weights": weights, "last_metrics": last_metric_line(layout.worker_log(stage, 0), stage)}
+
+
 def fingerprint(cfg: Config, layout: RunLayout, runs: pd.DataFrame, code: str | None = None) -> dict:
     """The fingerprint of the run in ``layout`` whose evaluation rows are ``runs`` (``runs.csv``).
 
@@ -50,11 +59,7 @@ def fingerprint(cfg: Config, layout: RunLayout, runs: pd.DataFrame, code: str | 
     with (``Config.config_file``, ``Config.overrides``: the command's arguments), the commit (``code``: ``provenance.commit()``
     taken when the run started; by default now), the resolved precision, the threads and ``provenance.machine()``.
     """
-    stages: dict[str, object] = {}
-    for stage in ("pretrain", "distill"):
-        folder = layout.generator(stage)
-        weights = _digest(list(folder.glob("*.safetensors"))) if folder.is_dir() else None
-        stages[stage] = {"weights": weights, "last_metrics": last_metric_line(layout.worker_log(stage, 0), stage)}
+    stages: dict[str, object] = {stage: generator_fingerprint(layout, stage) for stage in ("pretrain", "distill")}
     sets: dict[str, list[str]] = {}
     for (method, dpc), part in runs.groupby(["method", "dpc"], sort=True):
         by_set = part.drop_duplicates("set_index").sort_values("set_index")
