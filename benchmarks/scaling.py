@@ -363,7 +363,9 @@ def reading(points: pd.DataFrame) -> list[str]:
             level = float(points["k_centers_mean"].iloc[0])
             found = crossing(fit, level)
             if found is not None and found <= max(steps):  # the line passes K-centers inside the points, or before them
-                text += f" The line is at or above K-centers ({level:.1f}) from about {found:,.0f} steps, within the points measured: see their p"
+                where = (f"at every point measured (it meets K-centers at about {found:,.0f} steps, before the first)" if found < min(steps)
+                         else f"from about {found:,.0f} steps, within the points measured")
+                text += f" The line is at or above K-centers ({level:.1f}) {where}: see their p"
                 lines.append(text + ".")
                 continue
             text += f" Crossing K-centers ({level:.1f}): " + (f"at about {found:,.0f} steps" if found else "never, at this slope")

@@ -37,7 +37,11 @@ def test_the_warmup_is_the_profiles_at_every_point_and_the_fit_reads_log_steps()
     score, filtered = scaling.reading(points)[-2:]
     # 50 + 1 per doubling reaches 55 five doublings after 480 steps: 15,360 steps, x 2.1 s = 8.96 h
     assert "at about 15,360 steps" in score and "9.0 h on this machine at 2.10 s per LM step" in score
-    assert "from about 240 steps, within the points measured" in filtered and "Crossing" not in filtered  # not a crossing ahead
+    # 55.5 - 0.5 per doubling before 480 steps: 240 steps, before the first point, so not "within" them
+    assert "at every point measured (it meets K-centers at about 240 steps, before the first)" in filtered
+    assert "within" not in filtered and "Crossing" not in filtered  # not a crossing ahead
+    points["dilm_filtered_mean"] = [54.0, 55.0, 56.0]  # meets 55.0 at the middle point
+    assert "from about 960 steps, within the points measured" in scaling.reading(points)[-1]
 
 
 @pytest.mark.parametrize("precision, layers", [("fp32", "null"), ("bf16", "1")])
